@@ -1,0 +1,11 @@
+"""ufad exporter (needs torch): fit detectors on ID data and export them as one .onnx file."""
+
+from .capture import ActivationCapture, default_layers, module_names
+from .detector import Detector, DetectorModule
+from .detectors import DETECTORS, UniformDetector
+from .onnx_export import ExportReport
+
+__all__ = [
+    "ActivationCapture", "Detector", "DetectorModule", "DETECTORS", "ExportReport",
+    "UniformDetector", "default_layers", "module_names",
+]

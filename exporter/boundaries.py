@@ -1,0 +1,63 @@
+"""Fit one bounded region per class on standardized ID features (numpy / scikit-learn).
+
+Two kinds, both with the paper's nu (fraction of ID points allowed outside, default 0.1):
+- ``rbf``: a one-class SVM with an RBF kernel, which for this kernel is the SVDD ball in
+  feature space. Kept: support vectors, their weights and the offset rho.
+- ``ball``: a plain ball in input space: class centre and radius = the (1 - nu) quantile of
+  the distances of the class's points to it. Tiny and cheap, for small devices.
+The scoring of these regions lives in ``detectors/uniform.py``; these are only the fits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class RBFRegion:
+    """``decision(x) = sum_i alpha_i exp(-gamma ||x - sv_i||^2) - rho`` (>= 0 inside)."""
+
+    support_vectors: np.ndarray  # [M, D]
+    alpha: np.ndarray            # [M], > 0
+    rho: float
+    gamma: float
+
+
+@dataclass
+class BallRegion:
+    """``||x - center|| <= radius`` inside."""
+
+    center: np.ndarray  # [D]
+    radius: float
+
+
+def resolve_gamma(gamma: float | str, dim: int) -> float:
+    """``"scale"`` is scikit-learn's ``1 / (D * Var)`` with Var = 1 after standardization."""
+    if gamma == "scale":
+        return 1.0 / dim
+    return float(gamma)
+
+
+def fit_rbf(x: np.ndarray, nu: float, gamma: float) -> RBFRegion:
+    """Fit a one-class SVM (RBF kernel) to the points ``x`` [N, D]."""
+    from sklearn.svm import OneClassSVM
+
+    svm = OneClassSVM(kernel="rbf", nu=nu, gamma=gamma, tol=1e-4, cache_size=200)
+    svm.fit(x.astype(np.float64))
+    alpha = svm.dual_coef_.ravel().astype(np.float64)
+    keep = alpha > 0
+    return RBFRegion(
+        support_vectors=svm.support_vectors_[keep].astype(np.float64),
+        alpha=alpha[keep],
+        rho=float(np.ravel(svm.offset_)[0]),  # decision_function = score_samples - offset_
+        gamma=gamma,
+    )
+
+
+def fit_ball(x: np.ndarray, nu: float) -> BallRegion:
+    """Centre = mean of ``x``; radius = (1 - nu) quantile of the distances to it."""
+    center = x.mean(axis=0)
+    dist = np.linalg.norm(x - center, axis=1)
+    return BallRegion(center=center, radius=max(float(np.quantile(dist, 1.0 - nu)), 1e-6))

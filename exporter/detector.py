@@ -1,0 +1,358 @@
+"""The detector base class: capture, fit, calibrate, torch reference, export.
+
+A concrete detector (one file each under ``detectors/``) says how to fit its statistics from
+streamed ID features and returns its scoring math as a torch ``head`` module. This class
+does the rest the same way for all of them, in the manner of pytorch-ood / scikit-learn:
+
+    det = UniformDetector(model).fit(x_train, y_train).calibrate(x_valid)
+    det.export("detector.onnx")
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ufad.runtime import format as fmt
+from ufad.runtime.errors import ExportError
+
+from .capture import ActivationCapture, default_layers, resolve_layers
+
+ArrayLike = np.ndarray | torch.Tensor
+Data = ArrayLike | Iterable
+
+
+def _progress(iterable, total: int | None, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="batch", leave=False)
+
+
+def iter_batches(
+    data: Data, labels: ArrayLike | None, batch_size: int
+) -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor | None]], int | None]:
+    """Batches of ``(x float32 tensor, y int64 tensor or None)`` and their count if known.
+
+    ``data`` is an array/tensor (with optional ``labels`` of the same length) or an
+    iterable (e.g. a DataLoader) yielding ``x`` or ``(x, y, ...)``.
+    """
+    if isinstance(data, (np.ndarray, torch.Tensor)):
+        n = len(data)
+        if labels is not None and len(labels) != n:
+            raise ExportError(
+                f"data has {n} samples but labels has {len(labels)}; pass one label per sample."
+            )
+        if n == 0:
+            raise ExportError("data is empty; pass at least one batch of ID samples.")
+        x_all = torch.as_tensor(np.asarray(data) if isinstance(data, np.ndarray) else data)
+        y_all = None if labels is None else torch.as_tensor(np.asarray(labels)).long()
+
+        def gen():
+            for i in range(0, n, batch_size):
+                yield x_all[i:i + batch_size].float(), None if y_all is None else y_all[i:i + batch_size]
+
+        return gen(), math.ceil(n / batch_size)
+    if labels is not None:
+        raise ExportError("labels= is only for array data; a loader must yield (x, y) pairs.")
+
+    def gen_loader():
+        for item in data:
+            if isinstance(item, (tuple, list)):
+                x, y = item[0], (item[1] if len(item) > 1 else None)
+            else:
+                x, y = item, None
+            x = torch.as_tensor(x).float()
+            y = None if y is None else torch.as_tensor(y).long()
+            if y is not None and len(y) != len(x):
+                raise ExportError(f"a batch has {len(x)} inputs but {len(y)} labels.")
+            yield x, y
+
+    total = len(data) if hasattr(data, "__len__") else None
+    return gen_loader(), total
+
+
+class DetectorModule(nn.Module):
+    """Model + capture + head: the exact module exported to ONNX and the torch reference.
+
+    forward(x, threshold) -> (logits, pred, score, is_anomaly, layer_scores, *activations)
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[str], reduction: str, head: nn.Module):
+        super().__init__()
+        self.model = model
+        self.head = head
+        self.capture = ActivationCapture(model, layers, reduction)
+
+    def forward(self, x: torch.Tensor, threshold: torch.Tensor):
+        self.capture.clear()
+        logits = self.model(x)
+        feats = self.capture.features if self.capture.layers else []
+        pred = logits.argmax(dim=1)
+        score, layer_scores = self.head(logits, pred, feats)
+        # Documented rule: an input holding NaN/Inf, or any NaN score, scores +inf, so it is
+        # always flagged (and is_anomaly = "not accepted" is true for NaN as well).
+        bad = torch.logical_not(torch.isfinite(x).flatten(1).all(dim=1)) | torch.isnan(score)
+        score = torch.where(bad, torch.full_like(score, float("inf")), score)
+        is_anomaly = torch.logical_not(score <= threshold)
+        return (logits, pred, score, is_anomaly, layer_scores, *feats)
+
+
+@dataclass
+class Calibration:
+    """Threshold chosen on held-out ID data so that ``target_tpr`` of it is accepted."""
+
+    threshold: float
+    target_tpr: float
+    n: int
+    accepted: float
+    quantiles: dict[str, float]
+    source: str = "user data"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "threshold": self.threshold, "target_tpr": self.target_tpr, "n_samples": self.n,
+            "id_accept_rate": self.accepted, "id_score_quantiles": self.quantiles,
+            "source": self.source,
+        }
+
+
+class Detector:
+    """Base class. Subclasses set ``method`` and implement ``_fit`` and ``head``."""
+
+    method = "base"
+    uses_layers = True
+    #: threshold of the detector's own boundary rule, if it has one (None otherwise)
+    boundary_threshold: float | None = None
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[str] | None = None,
+        *,
+        reduction: str = "mean",
+        class_names: Sequence[str] | None = None,
+        batch_size: int = 256,
+        seed: int = 0,
+        progress: bool = True,
+    ):
+        if not isinstance(model, nn.Module):
+            raise ExportError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.layers = None if layers is None else list(layers)
+        if self.layers is not None:
+            resolve_layers(model, self.layers)
+        self.reduction = reduction
+        self.class_names = None if class_names is None else [str(c) for c in class_names]
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.progress = progress
+        self.calibration: Calibration | None = None
+        self.input_shape: tuple[int, ...] | None = None
+        self.input_range: tuple[float, float] | None = None
+        self.num_classes: int | None = None
+        self.dims: list[int] = []
+        self._fitted = False
+
+    # ----------------------------------------------------------------- fitting
+    def _check_model(self) -> None:
+        if self.model.training:
+            raise ExportError(
+                "the model is in training mode (dropout / batch-norm statistics would make "
+                "activations random); call model.eval() before fitting or exporting."
+            )
+
+    def _prepare(self, first: torch.Tensor) -> None:
+        self.input_shape = tuple(first.shape[1:])
+        if self.uses_layers and self.layers is None:
+            self.layers = default_layers(self.model, first)
+        if not self.uses_layers:
+            self.layers = []
+
+    def _stream(self, data: Data, labels: ArrayLike | None, desc: str):
+        """Yield ``(x, y, logits, feats)`` per batch with features captured, no grad."""
+        batches, total = iter_batches(data, labels, self.batch_size)
+        capture = None
+        lo, hi = math.inf, -math.inf
+        try:
+            for x, y in _progress(batches, total, desc, self.progress):
+                if capture is None:
+                    self._prepare(x)
+                    capture = ActivationCapture(self.model, self.layers, self.reduction)
+                if tuple(x.shape[1:]) != self.input_shape:
+                    raise ExportError(
+                        f"batch of shape {tuple(x.shape)} does not match the first batch's "
+                        f"input shape {self.input_shape}"
+                    )
+                with torch.no_grad():
+                    capture.clear()
+                    logits = self.model(x)
+                    feats = capture.features if self.layers else []
+                if logits.dim() != 2:
+                    raise ExportError(
+                        f"the model returned shape {tuple(logits.shape)}; expected logits [B, classes]."
+                    )
+                lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))
+                yield x, y, logits, feats
+        finally:
+            if capture is not None:
+                capture.remove()
+        if capture is None:
+            raise ExportError("data yielded no batches; pass at least one batch of ID samples.")
+        self._seen_range = (lo, hi)
+
+    def fit(self, data: Data, labels: ArrayLike | None = None) -> "Detector":
+        """Fit the statistics on ID data (arrays + labels, or a loader of (x, y) batches)."""
+        self._check_model()
+        if labels is not None:
+            self._check_labels(np.asarray(labels))
+        self._fit(self._stream(data, labels, f"fit {self.method}"))
+        self.input_range = getattr(self, "_seen_range", None)
+        if self.class_names is None:
+            self.class_names = [str(i) for i in range(self.num_classes)]
+        elif len(self.class_names) != self.num_classes:
+            raise ExportError(
+                f"{len(self.class_names)} class names given but the model has "
+                f"{self.num_classes} outputs."
+            )
+        self._fitted = True
+        return self
+
+    def _check_labels(self, labels: np.ndarray) -> None:
+        """Hook for early label checks (before any forward pass)."""
+
+    def _fit(self, stream) -> None:
+        raise NotImplementedError
+
+    def head(self) -> nn.Module:
+        """The scoring math as a torch module: ``(logits, pred, feats) -> (score, layer_scores)``."""
+        raise NotImplementedError
+
+    def params(self) -> dict[str, Any]:
+        """Method parameters recorded in the file's metadata."""
+        return {}
+
+    def layer_score_names(self) -> list[str]:
+        """Names of the columns of the ``layer_scores`` output."""
+        return list(self.layers) if self.layers else [self.method]
+
+    # ---------------------------------------------------------- torch reference
+    def _require_fitted(self) -> None:
+        if not self._fitted:
+            raise ExportError(f"{type(self).__name__} is not fitted; call fit(...) first.")
+
+    def module(self) -> DetectorModule:
+        """The export module (model + capture hooks + head). Call ``.capture.remove()`` when done."""
+        self._require_fitted()
+        return DetectorModule(self.model, self.layers, self.reduction, self.head()).eval()
+
+    def score(self, x: ArrayLike, threshold: float | None = None) -> dict[str, np.ndarray]:
+        """Torch reference scoring of ``x``: dict with logits, pred, score, is_anomaly,
+        layer_scores and one activation array per layer (the ONNX outputs, same names)."""
+        self._check_model()
+        mod = self.module()
+        thr = torch.tensor(self.threshold if threshold is None else threshold, dtype=torch.float32)
+        outs: list[list[np.ndarray]] = []
+        try:
+            batches, total = iter_batches(x, None, self.batch_size)
+            with torch.no_grad():
+                for xb, _ in _progress(batches, total, "score (torch)", self.progress and (total or 0) > 8):
+                    outs.append([t.numpy() for t in mod(xb, thr)])
+        finally:
+            mod.capture.remove()
+        names = self.output_names()
+        return {n: np.concatenate([o[i] for o in outs]) for i, n in enumerate(names)}
+
+    def output_names(self) -> list[str]:
+        return [fmt.OUT_LOGITS, fmt.OUT_PRED, fmt.OUT_SCORE, fmt.OUT_IS_ANOMALY,
+                fmt.OUT_LAYER_SCORES] + [fmt.activation_output_name(l) for l in self.layers]
+
+    # --------------------------------------------------------------- calibrate
+    @property
+    def threshold(self) -> float:
+        if self.calibration is not None:
+            return self.calibration.threshold
+        if self.boundary_threshold is not None:
+            return self.boundary_threshold
+        return math.inf
+
+    def calibrate(self, data: ArrayLike, tpr: float = 0.95, source: str = "user data") -> "Detector":
+        """Set the threshold so that a fraction ``tpr`` of held-out ID ``data`` is accepted.
+
+        Use ID data the detector was not fitted on (e.g. a validation split).
+        """
+        self._require_fitted()
+        if not 0.0 < tpr <= 1.0:
+            raise ExportError(f"tpr must be in (0, 1], got {tpr}")
+        scores = self.score(data, threshold=math.inf)[fmt.OUT_SCORE].astype(np.float64)
+        finite = scores[np.isfinite(scores)]
+        if len(finite) < 20:
+            raise ExportError(f"calibration needs at least 20 ID samples with finite scores, got {len(finite)}")
+        thr = float(np.quantile(finite, tpr, method="higher"))
+        qs = {str(q): float(np.quantile(finite, q)) for q in (0.01, 0.05, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)}
+        self.calibration = Calibration(
+            threshold=thr, target_tpr=tpr, n=len(scores),
+            accepted=float(np.mean(scores <= thr)), quantiles=qs, source=source,
+        )
+        return self
+
+    # ------------------------------------------------------------------ export
+    def metadata(self) -> dict[str, Any]:
+        """Structured metadata (before JSON encoding) for the file."""
+        self._require_fitted()
+        dims = self.dims or []
+        layers = [
+            {"name": l, "dim": int(d), "reduction": self.reduction, "output": fmt.activation_output_name(l)}
+            for l, d in zip(self.layers, dims)
+        ]
+        cal = self.calibration.to_json() if self.calibration else {
+            "threshold": self.threshold, "target_tpr": None, "n_samples": 0,
+            "source": "uncalibrated: boundary rule" if self.boundary_threshold is not None else "uncalibrated",
+        }
+        cal["boundary_threshold"] = self.boundary_threshold
+        lo, hi = self.input_range if self.input_range else (None, None)
+        return {
+            fmt.KEY_METHOD: self.method,
+            fmt.KEY_PARAMS: self.params(),
+            fmt.KEY_LAYERS: layers,
+            fmt.KEY_CLASSES: self.class_names,
+            fmt.KEY_INPUT: {
+                "name": "input", "shape": [None, *self.input_shape], "dtype": "float32",
+                "range": None if lo is None else [lo, hi],
+            },
+            fmt.KEY_OUTPUTS: {
+                fmt.OUT_LOGITS: "float32 [B, classes]: the classifier's logits",
+                fmt.OUT_PRED: "int64 [B]: argmax of logits",
+                fmt.OUT_SCORE: "float32 [B]: anomaly score, higher = more anomalous (+inf for NaN)",
+                fmt.OUT_IS_ANOMALY: "bool [B]: not (score <= threshold)",
+                fmt.OUT_LAYER_SCORES: {"shape": "float32 [B, L]", "columns": self.layer_score_names()},
+                "activations": {l["output"]: f"float32 [B, {l['dim']}]: {self.reduction}-reduced output of {l['name']}" for l in layers},
+            },
+            fmt.KEY_THRESHOLD: self.threshold,
+            fmt.KEY_CALIBRATION: cal,
+        }
+
+    def export(self, path: str | Path, *, example: ArrayLike | None = None, simplify: bool = False,
+               check_inputs: ArrayLike | None = None, verbose: bool = False) -> "ExportReport":
+        """Write the detector as ONE self-contained .onnx file and verify it.
+
+        ``check_inputs`` (default: a few synthetic inputs in the input range) are scored by
+        both the torch reference and onnxruntime; the export fails if they disagree by more
+        than 1e-4 (relative). ``simplify`` runs onnxsim and keeps it only if verified.
+        """
+        from .onnx_export import export_detector
+
+        self._require_fitted()
+        self._check_model()
+        return export_detector(self, Path(path), example=example, simplify=simplify,
+                               check_inputs=check_inputs, verbose=verbose)
+
+
+from .onnx_export import ExportReport  # noqa: E402  (re-export for type hints)

@@ -1,0 +1,76 @@
+"""Read inputs from files: ``.npy``, ``.npz`` (array ``x``, or its only array) and images.
+
+Images (png, jpg, bmp, pgm, ...; needs Pillow) are converted to the model's channel count,
+resized to its height x width (bilinear) and scaled to its recorded value range.
+Pickled objects are never loaded (``allow_pickle=False``).
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import DependencyError, InputError
+from .format import InputSpec
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".ppm", ".tif", ".tiff", ".webp"}
+
+
+def _load_array(path: Path) -> np.ndarray:
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                if "x" in z.files:
+                    return z["x"]
+                if len(z.files) == 1:
+                    return z[z.files[0]]
+                raise InputError(f"{path}: .npz holds {z.files}; expected an array named 'x' (or a single array)")
+        return np.load(path, allow_pickle=False)
+    except InputError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise InputError(f"{path}: not a readable {path.suffix} array file ({e}); expected numpy .npy/.npz without pickles") from None
+
+
+def _load_image(path: Path, spec: InputSpec) -> np.ndarray:
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        raise DependencyError("reading images needs Pillow: pip install 'ufad[images]'") from None
+    sample = spec.shape[1:]
+    if len(sample) != 3 or sample[0] not in (1, 3):
+        raise InputError(f"{path}: images need a model input [B, 1|3, H, W], this model takes {list(spec.shape)}")
+    c, h, w = sample
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if c == 1 else "RGB").resize((w, h), Image.BILINEAR)
+            arr = np.asarray(im, dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise InputError(f"{path}: not a readable image ({e})") from None
+    arr = arr[None] if c == 1 else arr.transpose(2, 0, 1)
+    lo, hi = spec.value_range or (0.0, 1.0)
+    return (lo + arr * (hi - lo))[None].astype(np.float32)
+
+
+def load_inputs(paths: Sequence[str | Path], spec: InputSpec) -> tuple[list[np.ndarray], list[str]]:
+    """Read each file into an array (images already converted to the model's input).
+
+    Returns the arrays and, per array, the file it came from.
+    """
+    arrays, sources = [], []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise InputError(f"{p}: no such file")
+        if p.is_dir():
+            raise InputError(f"{p} is a directory; pass the files in it (e.g. {p}/*.png)")
+        if p.suffix.lower() in (".npy", ".npz"):
+            arrays.append(_load_array(p))
+        elif p.suffix.lower() in IMAGE_SUFFIXES:
+            arrays.append(_load_image(p, spec))
+        else:
+            raise InputError(f"{p}: unsupported file type {p.suffix!r}; use .npy, .npz or an image")
+        sources.append(str(p))
+    return arrays, sources

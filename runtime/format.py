@@ -1,0 +1,191 @@
+"""The ufad file format contract: metadata keys, output names and their parsing.
+
+FORMAT.md is the prose version of this module; keep both in step. Every metadata value is
+a string (JSON where structured) so any onnxruntime binding can read it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ModelFileError
+from .protowire import GRAPH_FIELD, top_level_field
+
+FORMAT_VERSION = 1
+SCORE_CONVENTION = "higher score = more anomalous; is_anomaly = not (score <= threshold)"
+
+# Graph input / output names (stable contract).
+INPUT_THRESHOLD = "threshold"
+OUT_LOGITS = "logits"
+OUT_PRED = "pred"
+OUT_SCORE = "score"
+OUT_IS_ANOMALY = "is_anomaly"
+OUT_LAYER_SCORES = "layer_scores"
+ACTIVATION_PREFIX = "act_"
+
+# metadata_props keys.
+KEY_FORMAT_VERSION = "ufad.format_version"
+KEY_METHOD = "ufad.method"
+KEY_PARAMS = "ufad.params"
+KEY_LAYERS = "ufad.layers"
+KEY_CLASSES = "ufad.classes"
+KEY_INPUT = "ufad.input"
+KEY_OUTPUTS = "ufad.outputs"
+KEY_THRESHOLD = "ufad.threshold"
+KEY_CALIBRATION = "ufad.calibration"
+KEY_GRAPH_SHA256 = "ufad.graph_sha256"
+KEY_PRODUCER = "ufad.producer"
+KEY_CONVENTION = "ufad.score_convention"
+
+REQUIRED_KEYS = (
+    KEY_FORMAT_VERSION, KEY_METHOD, KEY_PARAMS, KEY_LAYERS, KEY_CLASSES, KEY_INPUT,
+    KEY_OUTPUTS, KEY_THRESHOLD, KEY_CALIBRATION, KEY_GRAPH_SHA256,
+)
+
+
+def activation_output_name(layer: str) -> str:
+    """Graph output name of a monitored layer's reduced activation vector."""
+    return ACTIVATION_PREFIX + re.sub(r"[^0-9A-Za-z_]", "_", layer)
+
+
+def graph_sha256(model_bytes: bytes) -> str:
+    """sha256 of the serialized GraphProto inside a serialized ModelProto.
+
+    It covers every node and constant (model weights and fitted statistics alike) and
+    leaves metadata_props out, so it can be stored in the metadata it does not cover.
+    """
+    try:
+        return hashlib.sha256(top_level_field(model_bytes, GRAPH_FIELD)).hexdigest()
+    except ValueError as e:
+        raise ModelFileError(
+            f"the file is not a well-formed ONNX model ({e}); it may be truncated or corrupt. "
+            "Re-export it or copy it again."
+        ) from None
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One monitored layer: module name, reduced feature size, reduction, activation output."""
+
+    name: str
+    dim: int
+    reduction: str
+    output: str
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the graph's data input accepts."""
+
+    name: str
+    shape: tuple[int | None, ...]
+    dtype: str
+    value_range: tuple[float, float] | None
+
+
+@dataclass(frozen=True)
+class FormatInfo:
+    """Parsed ufad metadata of one detector file."""
+
+    format_version: int
+    method: str
+    params: dict[str, Any]
+    layers: tuple[LayerInfo, ...]
+    classes: tuple[str, ...]
+    input: InputSpec
+    outputs: dict[str, str]
+    threshold: float
+    calibration: dict[str, Any]
+    graph_sha256: str
+    producer: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict of everything parsed."""
+        return {
+            "format_version": self.format_version,
+            "method": self.method,
+            "params": self.params,
+            "layers": [vars(l) for l in self.layers],
+            "classes": list(self.classes),
+            "input": {
+                "name": self.input.name, "shape": list(self.input.shape),
+                "dtype": self.input.dtype,
+                "range": list(self.input.value_range) if self.input.value_range else None,
+            },
+            "outputs": self.outputs,
+            "threshold": self.threshold,
+            "calibration": self.calibration,
+            "graph_sha256": self.graph_sha256,
+            "producer": self.producer,
+        }
+
+
+def _json(meta: dict[str, str], key: str, path: str) -> Any:
+    try:
+        return json.loads(meta[key])
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ModelFileError(
+            f"{path}: metadata {key!r} is not valid JSON ({e}); the file was edited or is "
+            "corrupt. Re-export it with `ufad export`."
+        ) from None
+
+
+def parse_metadata(meta: dict[str, str], path: str = "<model>") -> FormatInfo:
+    """Validate and parse ufad metadata_props; raise ModelFileError saying what is wrong."""
+    if KEY_FORMAT_VERSION not in meta:
+        raise ModelFileError(
+            f"{path} is an ONNX model but not a ufad detector (no {KEY_FORMAT_VERSION!r} "
+            "metadata). Export one with `ufad export MODEL --data DATASET -o OUT.onnx`."
+        )
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise ModelFileError(
+            f"{path}: ufad metadata is incomplete, missing {missing}. Re-export the detector."
+        )
+    try:
+        version = int(meta[KEY_FORMAT_VERSION])
+    except ValueError:
+        raise ModelFileError(
+            f"{path}: {KEY_FORMAT_VERSION}={meta[KEY_FORMAT_VERSION]!r} is not an integer."
+        ) from None
+    if version > FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path} uses ufad format version {version}, newer than this runtime understands "
+            f"(<= {FORMAT_VERSION}). Upgrade ufad (`pip install -U ufad`)."
+        )
+    if version < 1:
+        raise ModelFileError(f"{path}: invalid ufad format version {version}.")
+    try:
+        layers = tuple(
+            LayerInfo(str(l["name"]), int(l["dim"]), str(l["reduction"]), str(l["output"]))
+            for l in _json(meta, KEY_LAYERS, path)
+        )
+        inp = _json(meta, KEY_INPUT, path)
+        rng = inp.get("range")
+        spec = InputSpec(
+            name=str(inp["name"]),
+            shape=tuple(None if d is None else int(d) for d in inp["shape"]),
+            dtype=str(inp["dtype"]),
+            value_range=(float(rng[0]), float(rng[1])) if rng else None,
+        )
+        threshold = float(meta[KEY_THRESHOLD])
+        classes = tuple(str(c) for c in _json(meta, KEY_CLASSES, path))
+        outputs = dict(_json(meta, KEY_OUTPUTS, path))
+        params = dict(_json(meta, KEY_PARAMS, path))
+        calibration = dict(_json(meta, KEY_CALIBRATION, path))
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        if isinstance(e, ModelFileError):
+            raise
+        raise ModelFileError(
+            f"{path}: ufad metadata is malformed ({type(e).__name__}: {e}). Re-export the detector."
+        ) from None
+    producer = _json(meta, KEY_PRODUCER, path) if KEY_PRODUCER in meta else {}
+    return FormatInfo(
+        format_version=version, method=meta[KEY_METHOD], params=params, layers=layers,
+        classes=classes, input=spec, outputs=outputs, threshold=threshold,
+        calibration=calibration, graph_sha256=meta[KEY_GRAPH_SHA256], producer=producer,
+    )

@@ -1,0 +1,86 @@
+"""Validate and convert user arrays to what a detector's graph accepts.
+
+Rules (documented in README "Errors and limits"):
+- dtype: float32 is used as is; float16/float64 are cast to float32; uint8 is read as an
+  8-bit image and divided by 255 when the model's recorded input range lies in [0, 1];
+  any other dtype (ints, bool, complex, strings, objects) is refused.
+- shape: ``[B, *sample]`` as recorded; a single sample ``sample`` gets a batch axis; for
+  one-channel models ``[B, H, W]`` gets the channel axis. Anything else is refused.
+- values: NaN/Inf are allowed and always reported anomalous (score = +inf); values far
+  outside the recorded input range (more than one range-width beyond it) are refused,
+  since they almost always mean a scaling mistake (e.g. 0..255 instead of 0..1).
+- memory layout: non-contiguous arrays are copied to C order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+from .format import InputSpec
+
+RANGE_CHECKS = ("error", "off")
+
+
+def _describe(spec: InputSpec) -> str:
+    dims = ", ".join("B" if d is None else str(d) for d in spec.shape)
+    rng = f" with values in [{spec.value_range[0]:g}, {spec.value_range[1]:g}]" if spec.value_range else ""
+    return f"float32 [{dims}]{rng}"
+
+
+def as_batch(x: Any, spec: InputSpec, range_check: str = "error") -> np.ndarray:
+    """Return ``x`` as a C-contiguous float32 batch matching ``spec`` or raise InputError."""
+    expected = _describe(spec)
+    if isinstance(x, (str, bytes)):
+        raise InputError(f"got a {type(x).__name__}, expected an array {expected}; load files with ufad.runtime.load_inputs")
+    try:
+        arr = np.asarray(x)
+    except Exception as e:  # ragged lists and the like
+        raise InputError(f"input cannot be read as an array ({e}); expected {expected}") from None
+    kind = arr.dtype.kind
+    sample = tuple(spec.shape[1:])
+    if kind == "f":
+        arr = arr.astype(np.float32, copy=False)
+    elif arr.dtype == np.uint8:
+        lo, hi = spec.value_range or (0.0, 1.0)
+        if lo < -1e-6 or hi > 1.0 + 1e-6:
+            raise InputError(
+                f"got uint8 data but the model's input range is [{lo:g}, {hi:g}], so the scaling is "
+                f"ambiguous; convert to float32 yourself. Expected {expected}."
+            )
+        arr = arr.astype(np.float32) / np.float32(255.0)
+    else:
+        raise InputError(
+            f"unsupported dtype {arr.dtype}; expected {expected} (float16/float64 are cast, "
+            "uint8 images are divided by 255). Convert with x.astype(np.float32)."
+        )
+    if arr.shape == sample:
+        arr = arr[None]
+    elif len(sample) == 3 and sample[0] == 1 and arr.ndim == 3 and arr.shape[1:] == sample[1:]:
+        arr = arr[:, None]
+    elif len(sample) == 3 and sample[0] == 1 and arr.shape == sample[1:]:
+        arr = arr[None, None]
+    if arr.ndim != len(spec.shape) or tuple(arr.shape[1:]) != sample:
+        raise InputError(f"input has shape {tuple(arr.shape)}, expected {expected}")
+    if range_check not in RANGE_CHECKS:
+        raise InputError(f"range_check must be one of {RANGE_CHECKS}, got {range_check!r}")
+    if range_check == "error" and spec.value_range and arr.size:
+        lo, hi = spec.value_range
+        width = max(hi - lo, 1e-6)
+        finite = np.isfinite(arr)
+        if not finite.all():
+            vals = arr[finite]
+            amin = float(vals.min()) if vals.size else lo
+            amax = float(vals.max()) if vals.size else hi
+        else:
+            amin, amax = float(arr.min()), float(arr.max())
+        if amin < lo - width or amax > hi + width:
+            hint = " (looks like 0..255 pixels: divide by 255)" if amax > 2 and hi <= 1.0 + 1e-6 else ""
+            raise InputError(
+                f"input values span [{amin:g}, {amax:g}], far outside the model's range "
+                f"[{lo:g}, {hi:g}]{hint}. Rescale the input, or pass range_check='off' to score "
+                "it anyway."
+            )
+    return np.ascontiguousarray(arr)

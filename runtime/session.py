@@ -1,0 +1,237 @@
+"""``AnomalySession``: load a ufad .onnx detector and score numpy arrays (no torch).
+
+    from ufad.runtime import AnomalySession
+    det = AnomalySession("detector.onnx", provider="auto")   # "cpu" | "cuda" | "auto"
+    res = det.run(x)               # x: float32 [B, 1, 28, 28]
+    res.score, res.is_anomaly, res.pred, det.provider
+
+Thread safety: one session may be used from many threads at once; ``run`` keeps no
+per-call state on the object and onnxruntime's ``InferenceSession.run`` is thread-safe.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import format as fmt
+from .errors import InputError, ModelFileError, ProviderError
+from .inputs import as_batch
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+MAX_FILE_BYTES = 2 ** 31
+
+
+@dataclass
+class ScoreResult:
+    """Scores of one batch. Higher ``score`` = more anomalous; ``is_anomaly`` = not (score <= threshold)."""
+
+    pred: np.ndarray          # int64 [B]
+    score: np.ndarray         # float32 [B]
+    is_anomaly: np.ndarray    # bool [B]
+    layer_scores: np.ndarray  # float32 [B, L]
+    logits: np.ndarray        # float32 [B, classes]
+    threshold: float
+    classes: tuple[str, ...]
+    layer_names: tuple[str, ...]
+    provider: str
+    nonfinite: np.ndarray     # bool [B]: the input held NaN/Inf (always anomalous)
+    activations: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.score)
+
+    @property
+    def labels(self) -> list[str]:
+        """Class name of each prediction."""
+        return [self.classes[int(p)] if 0 <= int(p) < len(self.classes) else str(int(p)) for p in self.pred]
+
+    def records(self) -> list[dict[str, Any]]:
+        """One JSON-ready dict per input (the ``ufad score --json`` schema)."""
+        out = []
+        labels = self.labels
+        for i in range(len(self)):
+            s = float(self.score[i])
+            out.append({
+                "index": i,
+                "pred": int(self.pred[i]),
+                "label": labels[i],
+                "score": s if np.isfinite(s) else ("inf" if s > 0 else "-inf"),
+                "is_anomaly": bool(self.is_anomaly[i]),
+                "threshold": self.threshold,
+                "layer_scores": {n: float(v) for n, v in zip(self.layer_names, self.layer_scores[i])},
+                "nonfinite_input": bool(self.nonfinite[i]),
+            })
+        return out
+
+
+def _available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+def resolve_providers(provider: str) -> list[str]:
+    """Map ``auto``/``cpu``/``cuda`` to onnxruntime providers; refuse what is not available."""
+    provider = provider.lower()
+    available = _available_providers()
+    if provider == "auto":
+        return [p for p in (PROVIDERS["cuda"], PROVIDERS["cpu"]) if p in available] or available[:1]
+    if provider not in PROVIDERS:
+        raise ProviderError(f"unknown provider {provider!r}; choose auto, cpu or cuda")
+    want = PROVIDERS[provider]
+    if want not in available:
+        hint = (" Install the GPU runtime instead of the CPU one: pip uninstall -y onnxruntime && "
+                "pip install 'ufad[gpu]' (needs an NVIDIA driver and CUDA)."
+                if provider == "cuda" else "")
+        raise ProviderError(
+            f"{want} is not available in this onnxruntime (available: {available}).{hint} "
+            "Use provider='cpu' or 'auto' to run on what is available."
+        )
+    return [want, PROVIDERS["cpu"]] if provider == "cuda" else [want]
+
+
+class AnomalySession:
+    """One loaded detector. See the module docstring for use.
+
+    Args:
+        path: the ufad .onnx file.
+        provider: ``"auto"`` (CUDA when available, else CPU), ``"cpu"`` or ``"cuda"``
+            (an error when CUDA cannot run; never a silent CPU fallback).
+        threads: onnxruntime intra-op threads (default: onnxruntime's choice).
+        verify: check the graph's sha256 against the metadata (tampering / corruption).
+        range_check: ``"error"`` refuses values far outside the recorded range; ``"off"``.
+    """
+
+    def __init__(self, path: str | os.PathLike, provider: str = "auto", *, threads: int | None = None,
+                 verify: bool = True, range_check: str = "error", session_options: Any = None):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        data = self._read(self.path)
+        actual_hash = fmt.graph_sha256(data) if verify else None
+        providers = resolve_providers(provider)
+        so = session_options or ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        if threads is not None:
+            so.intra_op_num_threads = int(threads)
+            so.inter_op_num_threads = 1
+        try:
+            self._sess = ort.InferenceSession(data, so, providers=providers)
+        except Exception as e:
+            raise ModelFileError(
+                f"{self.path}: onnxruntime cannot load it ({str(e).strip().splitlines()[0][:300]}). "
+                "The file is corrupt, truncated or not an ONNX model; re-export it."
+            ) from None
+        meta = dict(self._sess.get_modelmeta().custom_metadata_map)
+        self.info = fmt.parse_metadata(meta, str(self.path))
+        if verify and actual_hash != self.info.graph_sha256:
+            raise ModelFileError(
+                f"{self.path}: the graph's sha256 ({actual_hash[:16]}...) does not match the one "
+                f"recorded in its metadata ({self.info.graph_sha256[:16]}...): the weights or "
+                "statistics were modified after export. Do not trust this file; re-export it."
+            )
+        self._check_io()
+        self.providers = list(self._sess.get_providers())
+        self.provider = self.providers[0]
+        if provider.lower() == "cuda" and self.provider != PROVIDERS["cuda"]:
+            raise ProviderError(
+                f"CUDA was requested but onnxruntime runs this model on {self.provider} "
+                "(the CUDA provider failed to initialise: driver, CUDA or cuDNN missing?). "
+                "Use provider='cpu' to run on CPU deliberately."
+            )
+        if provider.lower() == "auto" and PROVIDERS["cuda"] in providers and self.provider != PROVIDERS["cuda"]:
+            warnings.warn(f"CUDA is installed but could not be used; running on {self.provider}", RuntimeWarning)
+        self.range_check = range_check
+        self.threshold = self.info.threshold
+        self.classes = self.info.classes
+        self.layer_names = tuple(self.info.outputs.get(fmt.OUT_LAYER_SCORES, {}).get("columns", [l.name for l in self.info.layers]))
+
+    @staticmethod
+    def _read(path: Path) -> bytes:
+        if not path.exists():
+            raise ModelFileError(f"{path}: no such file")
+        if path.is_dir():
+            raise ModelFileError(f"{path} is a directory, expected a .onnx file")
+        if path.stat().st_size >= MAX_FILE_BYTES:
+            raise ModelFileError(f"{path}: over 2 GB; ufad files are single self-contained protobufs")
+        try:
+            return path.read_bytes()
+        except OSError as e:
+            raise ModelFileError(f"{path}: cannot read it ({e.strerror})") from None
+
+    def _check_io(self) -> None:
+        inputs = {i.name for i in self._sess.get_inputs()}
+        outputs = {o.name for o in self._sess.get_outputs()}
+        need_out = {fmt.OUT_LOGITS, fmt.OUT_PRED, fmt.OUT_SCORE, fmt.OUT_IS_ANOMALY, fmt.OUT_LAYER_SCORES}
+        need_out |= {l.output for l in self.info.layers}
+        if self.info.input.name not in inputs or not need_out <= outputs:
+            raise ModelFileError(
+                f"{self.path}: graph inputs {sorted(inputs)} / outputs {sorted(outputs)} do not "
+                "match its ufad metadata; the file was edited. Re-export it."
+            )
+
+    @property
+    def input_spec(self) -> fmt.InputSpec:
+        return self.info.input
+
+    def run(self, x: Any, threshold: float | None = None, *, batch_size: int = 1024,
+            activations: bool = False) -> ScoreResult:
+        """Score a batch ``x`` (see ``ufad.runtime.inputs`` for accepted shapes/dtypes)."""
+        arr = as_batch(x, self.info.input, self.range_check)
+        if batch_size < 1:
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
+        thr = self.threshold if threshold is None else threshold
+        try:
+            thr = float(thr)
+        except (TypeError, ValueError):
+            raise InputError(f"threshold must be a number, got {threshold!r}") from None
+        if np.isnan(thr):
+            raise InputError("threshold is NaN; pass a finite number or +inf")
+        names = [fmt.OUT_LOGITS, fmt.OUT_PRED, fmt.OUT_SCORE, fmt.OUT_IS_ANOMALY, fmt.OUT_LAYER_SCORES]
+        act_names = [l.output for l in self.info.layers] if activations else []
+        feed_thr = np.array(thr, dtype=np.float32)
+        chunks: list[list[np.ndarray]] = []
+        for i in range(0, len(arr), batch_size):
+            feeds = {self.info.input.name: arr[i:i + batch_size], fmt.INPUT_THRESHOLD: feed_thr}
+            chunks.append(self._sess.run(names + act_names, feeds))
+        if not chunks:
+            return self._empty(thr, act_names)
+        cols = [np.concatenate([c[k] for c in chunks]) if len(chunks) > 1 else chunks[0][k]
+                for k in range(len(names) + len(act_names))]
+        nonfinite = ~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)
+        return ScoreResult(
+            logits=cols[0], pred=cols[1], score=cols[2], is_anomaly=cols[3], layer_scores=cols[4],
+            threshold=thr, classes=self.classes, layer_names=self.layer_names,
+            provider=self.provider, nonfinite=nonfinite,
+            activations={n: c for n, c in zip(act_names, cols[5:])},
+        )
+
+    __call__ = run
+
+    def _empty(self, thr: float, act_names: Sequence[str]) -> ScoreResult:
+        n_cls, n_l = len(self.classes), len(self.layer_names)
+        dims = {l.output: l.dim for l in self.info.layers}
+        return ScoreResult(
+            logits=np.zeros((0, n_cls), np.float32), pred=np.zeros(0, np.int64),
+            score=np.zeros(0, np.float32), is_anomaly=np.zeros(0, bool),
+            layer_scores=np.zeros((0, n_l), np.float32), threshold=thr, classes=self.classes,
+            layer_names=self.layer_names, provider=self.provider, nonfinite=np.zeros(0, bool),
+            activations={n: np.zeros((0, dims[n]), np.float32) for n in act_names},
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """Everything ``ufad inspect --json`` shows."""
+        d = self.info.to_json()
+        d["file"] = str(self.path)
+        d["size_bytes"] = self.path.stat().st_size
+        d["providers"] = self.providers
+        d["graph_inputs"] = [{"name": i.name, "shape": i.shape, "type": i.type} for i in self._sess.get_inputs()]
+        d["graph_outputs"] = [{"name": o.name, "shape": o.shape, "type": o.type} for o in self._sess.get_outputs()]
+        return d
