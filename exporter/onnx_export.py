@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import time
 import warnings
@@ -68,6 +69,9 @@ def _torch_export(module, example: torch.Tensor, names: list[str], verbose: bool
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     thr = torch.tensor(0.0, dtype=torch.float32)
     sink = io.StringIO()
+    # torch's exporter logs optional-registry warnings (e.g. "torchvision is not installed").
+    for name in ("torch.onnx", "torch.onnx._internal.exporter._registration", "torch.export"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.ERROR)
     redirect = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(sink)
     try:
         with warnings.catch_warnings(), redirect:

