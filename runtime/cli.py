@@ -30,6 +30,7 @@ LAZY_COMMANDS = {
     "demo": ("ufad.exporter.demo", "demo_command"),
     "eval": ("ufad.exporter.evaluate_cli", "eval_command"),
     "bench": ("ufad.exporter.bench_cli", "bench_command"),
+    "triton": ("ufad.runtime.triton", "triton_command"),
 }
 
 

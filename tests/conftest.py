@@ -1,0 +1,65 @@
+"""Shared fixtures: the real reference model, real MNIST splits, one exported detector.
+
+Fitting the uniform detector on the full 50k MNIST training split and exporting it takes
+~30 s on 2 cores; it is done once per test session and reused by every test module.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    """Real MNIST splits: dict of (x, y) for train / valid / test."""
+    from ufad.models import datasets
+
+    return {s: datasets.load("mnist", s) for s in ("train", "valid", "test")}
+
+
+@pytest.fixture(scope="session")
+def fashion_test():
+    from ufad.models import datasets
+
+    return datasets.load("fashion_mnist", "test")
+
+
+@pytest.fixture(scope="session")
+def reference_model():
+    from ufad.models import mnist_cnn
+
+    torch.set_num_threads(2)
+    return mnist_cnn.pretrained()
+
+
+@pytest.fixture(scope="session")
+def fitted_detector(reference_model, mnist):
+    """UniformDetector fitted on all 50k MNIST train images, calibrated on the 10k valid split."""
+    from ufad.exporter import UniformDetector
+
+    x, y = mnist["train"]
+    xv, _ = mnist["valid"]
+    det = UniformDetector(reference_model, progress=False, class_names=[str(i) for i in range(10)])
+    return det.fit(x, y).calibrate(xv, source="mnist valid")
+
+
+@pytest.fixture(scope="session")
+def exported_path(fitted_detector, mnist, tmp_path_factory):
+    """Path of the reference detector exported to .onnx (verified at export)."""
+    xv, _ = mnist["valid"]
+    path = tmp_path_factory.mktemp("export") / "mnist_cnn.onnx"
+    rng = np.random.default_rng(0)
+    check = np.concatenate([xv[:192], rng.uniform(0, 1, (64, 1, 28, 28)).astype(np.float32)])
+    fitted_detector.export(path, check_inputs=check)
+    return path
+
+
+@pytest.fixture(scope="session")
+def session(exported_path):
+    """An AnomalySession (CPU) on the exported reference detector."""
+    from ufad.runtime import AnomalySession
+
+    return AnomalySession(exported_path, provider="cpu")
