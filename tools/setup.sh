@@ -20,3 +20,5 @@ if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
     echo "warning: install Fashion-MNIST (Debian package dataset-fashion-mnist) for OOD sets" >&2
   fi
 fi
+# pyenv installs console scripts behind shims; make `ufad` visible right away.
+command -v pyenv >/dev/null && pyenv rehash 2>/dev/null || true
