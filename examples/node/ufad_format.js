@@ -1,0 +1,294 @@
+/*
+ * ufad file format for JavaScript (Node.js and browsers): read the `ufad.*` metadata of a
+ * detector .onnx file, verify its graph sha256, check inputs, and turn the graph's outputs
+ * into the records `ufad score --json` prints.
+ *
+ * Why a protobuf reader: onnxruntime-node and onnxruntime-web (1.30) expose input/output
+ * names and shapes but not the model's custom metadata (no `custom_metadata_map` as in
+ * Python), so the few top-level fields we need are read from the ModelProto bytes here:
+ * field 7 = graph (hashed for the integrity check), field 14 = metadata_props
+ * (StringStringEntryProto: 1 = key, 2 = value). Nothing else of the protobuf is parsed.
+ *
+ * Loads as CommonJS (`require('./ufad_format.js')`) or as a plain <script> (global
+ * `ufadFormat`). No dependencies.
+ */
+(function (root, factory) {
+  if (typeof module === 'object' && module.exports) module.exports = factory();
+  else root.ufadFormat = factory();
+})(typeof self !== 'undefined' ? self : this, function () {
+  'use strict';
+
+  const FORMAT_VERSION = 1;
+  const REQUIRED_KEYS = [
+    'ufad.format_version', 'ufad.method', 'ufad.params', 'ufad.layers', 'ufad.classes',
+    'ufad.input', 'ufad.outputs', 'ufad.threshold', 'ufad.calibration', 'ufad.graph_sha256',
+  ];
+  const OUT = { logits: 'logits', pred: 'pred', score: 'score', isAnomaly: 'is_anomaly', layerScores: 'layer_scores' };
+  const GRAPH_FIELD = 7;
+  const METADATA_FIELD = 14;
+
+  /** A user-facing error: the message says what is wrong and what to do. */
+  class UfadError extends Error {
+    constructor(message) { super(message); this.name = 'UfadError'; }
+  }
+
+  function readVarint(buf, pos) {
+    // Numbers, not BigInt: every length in a < 2 GB file fits in 2^53.
+    let result = 0, mul = 1;
+    for (let i = 0; i < 10; i++) {
+      if (pos >= buf.length) throw new Error('truncated varint');
+      const b = buf[pos++];
+      result += (b & 0x7f) * mul;
+      if (!(b & 0x80)) return [result, pos];
+      mul *= 128;
+    }
+    throw new Error('varint too long');
+  }
+
+  /** Walk one protobuf message; call visit(fieldNumber, wireType, bytes|null) per field. */
+  function walk(buf, visit) {
+    let pos = 0;
+    while (pos < buf.length) {
+      let key;
+      [key, pos] = readVarint(buf, pos);
+      const field = Math.floor(key / 8), wire = key & 7;
+      if (wire === 0) {
+        [, pos] = readVarint(buf, pos);
+        visit(field, wire, null);
+      } else if (wire === 1) {
+        pos += 8;
+      } else if (wire === 2) {
+        let len;
+        [len, pos] = readVarint(buf, pos);
+        if (pos + len > buf.length) throw new Error('truncated length-delimited field');
+        visit(field, wire, buf.subarray(pos, pos + len));
+        pos += len;
+      } else if (wire === 5) {
+        pos += 4;
+      } else {
+        throw new Error(`unsupported wire type ${wire}`);
+      }
+      if (pos > buf.length) throw new Error('truncated message');
+    }
+  }
+
+  /**
+   * Read metadata_props and the raw graph bytes of a serialized ModelProto.
+   * @param {Uint8Array} bytes the whole .onnx file
+   * @returns {{metadata: Object<string,string>, graph: Uint8Array}}
+   */
+  function readModelProto(bytes, path) {
+    const buf = bytes instanceof Uint8Array ? bytes : new Uint8Array(bytes);
+    const utf8 = new TextDecoder('utf-8');
+    const metadata = {};
+    let graph = null;
+    try {
+      walk(buf, (field, wire, data) => {
+        if (wire !== 2) return;
+        if (field === GRAPH_FIELD) graph = data;  // last occurrence wins, as in protobuf
+        else if (field === METADATA_FIELD) {
+          let k = '', v = '';
+          walk(data, (f, w, d) => {
+            if (w !== 2) return;
+            if (f === 1) k = utf8.decode(d);
+            else if (f === 2) v = utf8.decode(d);
+          });
+          metadata[k] = v;
+        }
+      });
+    } catch (e) {
+      throw new UfadError(`${path}: not a well-formed ONNX model (${e.message}); it may be truncated or corrupt. Re-export it or copy it again.`);
+    }
+    if (graph === null) throw new UfadError(`${path}: not an ONNX model (no graph). Export one with \`ufad export\`.`);
+    return { metadata, graph };
+  }
+
+  function json(meta, key, path) {
+    try { return JSON.parse(meta[key]); } catch (e) {
+      throw new UfadError(`${path}: metadata '${key}' is not valid JSON (${e.message}); the file was edited or is corrupt. Re-export it with \`ufad export\`.`);
+    }
+  }
+
+  /**
+   * Validate and parse the ufad.* metadata (same rules as ufad/runtime/format.py).
+   * @returns {{format_version:number, method:string, params:Object, layers:Array, classes:string[],
+   *   input:{name:string, shape:(number|null)[], dtype:string, range:number[]|null},
+   *   outputs:Object, threshold:number, calibration:Object, graph_sha256:string, producer:Object,
+   *   layer_names:string[]}}
+   */
+  function parseMetadata(meta, path = '<model>') {
+    if (!('ufad.format_version' in meta)) {
+      throw new UfadError(`${path} is an ONNX model but not a ufad detector (no 'ufad.format_version' metadata). Export one with \`ufad export MODEL --data DATASET -o OUT.onnx\`.`);
+    }
+    const missing = REQUIRED_KEYS.filter((k) => !(k in meta));
+    if (missing.length) throw new UfadError(`${path}: ufad metadata is incomplete, missing ${JSON.stringify(missing)}. Re-export the detector.`);
+    const version = Number(meta['ufad.format_version']);
+    if (!Number.isInteger(version) || version < 1) throw new UfadError(`${path}: invalid ufad format version ${JSON.stringify(meta['ufad.format_version'])}.`);
+    if (version > FORMAT_VERSION) {
+      throw new UfadError(`${path} uses ufad format version ${version}, newer than this client understands (<= ${FORMAT_VERSION}). Update the client.`);
+    }
+    const threshold = Number(meta['ufad.threshold']);
+    const inp = json(meta, 'ufad.input', path);
+    const outputs = json(meta, 'ufad.outputs', path);
+    const layers = json(meta, 'ufad.layers', path);
+    if (!inp || typeof inp.name !== 'string' || !Array.isArray(inp.shape) || !Array.isArray(layers) || Number.isNaN(threshold)) {
+      throw new UfadError(`${path}: ufad metadata is malformed (input / layers / threshold). Re-export the detector.`);
+    }
+    const ls = outputs && outputs[OUT.layerScores];
+    const layer_names = ls && Array.isArray(ls.columns) ? ls.columns.map(String) : layers.map((l) => String(l.name));
+    return {
+      format_version: version,
+      method: meta['ufad.method'],
+      params: json(meta, 'ufad.params', path),
+      layers: layers.map((l) => ({ name: String(l.name), dim: Number(l.dim), reduction: String(l.reduction), output: String(l.output) })),
+      classes: json(meta, 'ufad.classes', path).map(String),
+      input: {
+        name: inp.name,
+        shape: inp.shape.map((d) => (d === null ? null : Number(d))),
+        dtype: String(inp.dtype),
+        range: inp.range ? [Number(inp.range[0]), Number(inp.range[1])] : null,
+      },
+      outputs,
+      threshold,
+      calibration: json(meta, 'ufad.calibration', path),
+      graph_sha256: meta['ufad.graph_sha256'],
+      producer: 'ufad.producer' in meta ? json(meta, 'ufad.producer', path) : {},
+      layer_names,
+    };
+  }
+
+  async function sha256Hex(bytes) {
+    const c = globalThis.crypto;
+    if (!c || !c.subtle) return null;  // e.g. a browser page served over plain http from a non-localhost host
+    const digest = await c.subtle.digest('SHA-256', bytes);
+    return Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, '0')).join('');
+  }
+
+  /**
+   * Read a detector file's bytes: parse its metadata and (verify=true) check the graph's
+   * sha256 against `ufad.graph_sha256`, as the Python runtime does.
+   * @returns {Promise<{info: Object, metadata: Object, verified: boolean}>}
+   */
+  async function loadDetectorBytes(bytes, path = '<model>', verify = true) {
+    const { metadata, graph } = readModelProto(bytes, path);
+    const info = parseMetadata(metadata, path);
+    let verified = false;
+    if (verify) {
+      const actual = await sha256Hex(graph);
+      if (actual !== null) {
+        if (actual !== info.graph_sha256) {
+          throw new UfadError(`${path}: the graph's sha256 (${actual.slice(0, 16)}...) does not match the one recorded in its metadata (${String(info.graph_sha256).slice(0, 16)}...): the weights or statistics were modified after export. Do not trust this file; re-export it.`);
+        }
+        verified = true;
+      }
+    }
+    return { info, metadata, verified };
+  }
+
+  function describeSpec(spec) {
+    const dims = spec.shape.map((d) => (d === null ? 'B' : String(d))).join(', ');
+    const rng = spec.range ? ` with values in [${spec.range[0]}, ${spec.range[1]}]` : '';
+    return `float32 [${dims}]${rng}`;
+  }
+
+  /**
+   * Turn an array (typed array + shape + numpy-like dtype) into a float32 batch for the
+   * detector, following ufad/runtime/inputs.py: float64 -> float32, uint8 / 255 when the
+   * model's range lies in [0, 1]; a single sample gets a batch axis, [B, H, W] gets the
+   * channel axis for one-channel models; values far outside the recorded range are refused
+   * unless rangeCheck is false. NaN / Inf pass (the graph scores them +inf).
+   * @returns {{data: Float32Array, shape: number[]}}
+   */
+  function asBatch(data, shape, dtype, spec, rangeCheck = true) {
+    const expected = describeSpec(spec);
+    let arr;
+    if (dtype === 'float32') arr = data instanceof Float32Array ? data : Float32Array.from(data);
+    else if (dtype === 'float64' || dtype === 'float16') arr = Float32Array.from(data);
+    else if (dtype === 'uint8') {
+      const [lo, hi] = spec.range || [0, 1];
+      if (lo < -1e-6 || hi > 1 + 1e-6) {
+        throw new UfadError(`got uint8 data but the model's input range is [${lo}, ${hi}], so the scaling is ambiguous; convert to float32 yourself. Expected ${expected}.`);
+      }
+      arr = new Float32Array(data.length);
+      for (let i = 0; i < data.length; i++) arr[i] = Math.fround(data[i] / 255);
+    } else {
+      throw new UfadError(`unsupported dtype ${dtype}; expected ${expected} (float64 is cast, uint8 images are divided by 255).`);
+    }
+    const sample = spec.shape.slice(1);
+    let s = shape.slice();
+    const eq = (a, b) => a.length === b.length && a.every((v, i) => v === b[i]);
+    if (eq(s, sample)) s = [1, ...s];
+    else if (sample.length === 3 && sample[0] === 1 && s.length === 3 && eq(s.slice(1), sample.slice(1))) s = [s[0], 1, s[1], s[2]];
+    else if (sample.length === 3 && sample[0] === 1 && eq(s, sample.slice(1))) s = [1, 1, ...s];
+    if (s.length !== spec.shape.length || !eq(s.slice(1), sample)) {
+      throw new UfadError(`input has shape [${shape.join(', ')}], expected ${expected}`);
+    }
+    if (rangeCheck && spec.range && arr.length) {
+      const [lo, hi] = spec.range;
+      const width = Math.max(hi - lo, 1e-6);
+      // Read float values before the float32 cast, so a float64 1e300 is refused, not made inf.
+      const vals = dtype === 'uint8' ? arr : data;
+      let amin = Infinity, amax = -Infinity;
+      for (let i = 0; i < vals.length; i++) {
+        const v = vals[i];
+        if (Number.isFinite(v)) { if (v < amin) amin = v; if (v > amax) amax = v; }
+      }
+      if (amin === Infinity) { amin = lo; amax = hi; }
+      if (amin < lo - width || amax > hi + width) {
+        const hint = amax > 2 && amax <= 256 && hi <= 1 + 1e-6 ? ' (looks like 0..255 pixels: divide by 255)' : '';
+        throw new UfadError(`input values span [${amin}, ${amax}], far outside the model's range [${lo}, ${hi}]${hint}. Rescale the input, or pass --no-range-check to score it anyway.`);
+      }
+    }
+    return { data: arr, shape: s };
+  }
+
+  /** The format's verdict rule: NaN scores (never produced by the graph) count as anomalous. */
+  function isAnomaly(score, threshold) {
+    return !(score <= threshold);
+  }
+
+  function scoreValue(s) {
+    // Same spelling as the Python runtime's JSON for scores: non-finite values become strings
+    // (JSON has no inf / nan; Python would write bare Infinity / NaN tokens).
+    if (Number.isFinite(s)) return s;
+    if (Number.isNaN(s)) return 'nan';
+    return s > 0 ? 'inf' : '-inf';
+  }
+
+  /**
+   * One record per input, the `ufad score --json` schema:
+   * index, pred, label, score, is_anomaly, threshold, layer_scores, nonfinite_input.
+   * @param {Object} out onnxruntime outputs (tensors with .data) for one batch
+   * @param {Float32Array} input the batch that was scored (for nonfinite_input)
+   * @param {number} offset index of the first row of this batch
+   */
+  function records(out, info, threshold, input, offset = 0) {
+    const pred = out[OUT.pred].data, score = out[OUT.score].data;
+    const isAnom = out[OUT.isAnomaly].data, ls = out[OUT.layerScores].data;
+    const n = score.length, L = info.layer_names.length;
+    const per = n ? input.length / n : 0;
+    const rows = [];
+    for (let i = 0; i < n; i++) {
+      const p = Number(pred[i]);  // int64 comes back as BigInt
+      const layerScores = {};
+      for (let j = 0; j < L; j++) layerScores[info.layer_names[j]] = scoreValue(ls[i * L + j]);
+      let nonfinite = false;
+      for (let k = i * per; k < (i + 1) * per; k++) if (!Number.isFinite(input[k])) { nonfinite = true; break; }
+      rows.push({
+        index: offset + i,
+        pred: p,
+        label: p >= 0 && p < info.classes.length ? info.classes[p] : String(p),
+        score: scoreValue(score[i]),
+        // Non-finite inputs (and a NaN score) are anomalous whatever the threshold, as in the
+        // Python runtime: a threshold of +inf must not let a NaN image through.
+        is_anomaly: Boolean(isAnom[i]) || nonfinite || Number.isNaN(score[i]),
+        threshold: scoreValue(threshold),
+        layer_scores: layerScores,
+        nonfinite_input: nonfinite,
+      });
+    }
+    return rows;
+  }
+
+  return { FORMAT_VERSION, OUT, UfadError, isAnomaly, readModelProto, parseMetadata, loadDetectorBytes, sha256Hex, asBatch, records, describeSpec };
+});
