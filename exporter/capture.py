@@ -58,6 +58,13 @@ def default_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
     try:
         with torch.no_grad():
             model(example[:1])
+    except Exception as e:  # typically data of the wrong shape for this model
+        msg = str(e).strip().splitlines()
+        raise ExportError(
+            f"the model fails on a data batch of shape {tuple(example.shape)} "
+            f"({type(e).__name__}: {msg[0][:300] if msg else ''}); pass data shaped like the "
+            "model's training input, [N, C, H, W] for a CNN."
+        ) from e
     finally:
         for h in hooks:
             h.remove()

@@ -70,12 +70,24 @@ def export_command(model_spec, data, output, weights, calib_data, method, layers
 
     if method not in DETECTORS:
         raise ExportError(f"unknown method {method!r}; available: {sorted(DETECTORS)}")
+    # Option errors must surface before data loading and fitting, not minutes later.
+    if not 0.0 < tpr <= 1.0:
+        raise ExportError(f"--tpr must be in (0, 1], got {tpr}")
+    if limit is not None and limit < 1:
+        raise ExportError(f"--limit must be >= 1, got {limit}")
     t0 = time.time()
     model = load_factory(model_spec)
     if weights:
         load_weights(model, weights)
     model.eval()
+    kwargs = dict(seed=seed, progress=not quiet, reduction=reduction)
+    if method == "uniform":
+        kwargs.update(nu=nu, boundary=boundary, max_points=max_points)
+    layer_list = [l.strip() for l in layers.split(",") if l.strip()] if layers else None
+    # Built before the data loads so bad layers / nu / boundary fail fast; classes come later.
+    det = DETECTORS[method](model, layer_list, **kwargs)
     x, y, classes = load_data(data, "train", limit)
+    det.class_names = None if classes is None else [str(c) for c in classes]
     if calib_data:
         xc, _, _ = load_data(calib_data, "valid", None)
     elif Path(data).suffix == ".npz":
@@ -83,11 +95,6 @@ def export_command(model_spec, data, output, weights, calib_data, method, layers
         x, y, xc = x[:cut], y[:cut], x[cut:]
     else:
         xc, _, _ = load_data(data, "valid", None)
-    kwargs = dict(class_names=classes, seed=seed, progress=not quiet, reduction=reduction)
-    if method == "uniform":
-        kwargs.update(nu=nu, boundary=boundary, max_points=max_points)
-    layer_list = [l.strip() for l in layers.split(",") if l.strip()] if layers else None
-    det = DETECTORS[method](model, layer_list, **kwargs)
     torch.manual_seed(seed)
     det.fit(x, y)
     det.calibrate(xc, tpr=tpr, source=f"{calib_data or data} held-out split ({len(xc)} samples)")

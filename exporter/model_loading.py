@@ -24,14 +24,21 @@ def load_factory(spec: str) -> nn.Module:
     mod_name, attr = spec.split(":", 1)
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
+    if not mod_name or mod_name.startswith(".") or not attr:
+        raise ExportError(f"model {spec!r} must look like package.module:factory (absolute module name and a factory name)")
     try:
         module = importlib.import_module(mod_name)
     except ImportError as e:
         raise ExportError(f"cannot import module {mod_name!r} ({e}); is it on PYTHONPATH?") from None
+    except Exception as e:  # the user's module itself is broken (SyntaxError, its own errors)
+        raise ExportError(f"importing {mod_name!r} failed: {type(e).__name__}: {e}") from e
     fn = getattr(module, attr, None)
     if fn is None:
         raise ExportError(f"module {mod_name!r} has no attribute {attr!r}")
-    model = fn() if callable(fn) and not isinstance(fn, nn.Module) else fn
+    try:
+        model = fn() if callable(fn) and not isinstance(fn, nn.Module) else fn
+    except Exception as e:
+        raise ExportError(f"{spec}() raised {type(e).__name__}: {e}") from e
     if not isinstance(model, nn.Module):
         raise ExportError(f"{spec} returned {type(model).__name__}, expected a torch.nn.Module")
     return model
@@ -59,5 +66,6 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError) as e:
-        raise ExportError(f"weights in {path} do not fit the model: {str(e).splitlines()[0][:300]}") from None
+        # torch puts the useful part (missing keys, size mismatch) after the first line
+        raise ExportError(f"weights in {path} do not fit the model: {' '.join(str(e).split())[:400]}") from None
     return model

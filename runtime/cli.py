@@ -136,7 +136,8 @@ def _print_table(rows: list[dict], provider: str) -> None:
     for r in rows:
         s = r["score"] if isinstance(r["score"], str) else _fmt_score(r["score"])
         verdict = "[bold red]ANOMALY[/]" if r["is_anomaly"] else "[green]ok[/]"
-        table.add_row(Path(r["source"]).name, str(r["index"]), r["label"], s, f"{r['threshold']:.4f}", verdict)
+        thr = r["threshold"] if isinstance(r["threshold"], str) else f"{r['threshold']:.4f}"  # "inf" when overridden
+        table.add_row(Path(r["source"]).name, str(r["index"]), r["label"], s, thr, verdict)
     Console().print(table)
     n_bad = sum(r["is_anomaly"] for r in rows)
     click.echo(f"{n_bad} of {len(rows)} inputs flagged as anomalous")

@@ -8,6 +8,7 @@ Pickled objects are never loaded (``allow_pickle=False``).
 from __future__ import annotations
 
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Sequence
 
@@ -19,9 +20,41 @@ from .format import InputSpec
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".ppm", ".tif", ".tiff", ".webp"}
 
 
+NPY_MAGIC = b"\x93NUMPY"
+ZIP_MAGIC = b"PK"
+
+
+def _check_npy_header(path: Path) -> None:
+    """Refuse a .npy whose header declares more data than the file holds, before numpy
+    allocates it (a corrupt or hostile header would otherwise ask for terabytes)."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in readers:
+            return  # newer header versions: np.load checks them itself
+        shape, _fortran, dtype = readers[version](f)
+        need = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        have = path.stat().st_size - f.tell()
+    if not dtype.hasobject and need > have:
+        raise InputError(
+            f"{path}: header declares a {dtype} array of shape {shape} ({need} bytes) but the "
+            f"file holds only {have} bytes of data; it is truncated or corrupt."
+        )
+
+
 def _load_array(path: Path) -> np.ndarray:
+    suffix = path.suffix.lower()
     try:
-        if path.suffix == ".npz":
+        with open(path, "rb") as f:
+            head = f.read(len(NPY_MAGIC))
+        # Without this, numpy reports any non-.npy file as "pickled data".
+        if suffix == ".npy" and head != NPY_MAGIC:
+            raise InputError(f"{path}: not a .npy file (no NUMPY header); save arrays with np.save")
+        if suffix == ".npz" and not head.startswith(ZIP_MAGIC):
+            raise InputError(f"{path}: not a .npz file (not a zip archive); save arrays with np.savez")
+        if suffix == ".npy":
+            _check_npy_header(path)
+        if suffix == ".npz":
             with np.load(path, allow_pickle=False) as z:
                 if "x" in z.files:
                     return z["x"]
@@ -31,8 +64,11 @@ def _load_array(path: Path) -> np.ndarray:
         return np.load(path, allow_pickle=False)
     except InputError:
         raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise InputError(f"{path}: not a readable {path.suffix} array file ({e}); expected numpy .npy/.npz without pickles") from None
+    except MemoryError:
+        raise InputError(f"{path}: the array it declares does not fit in memory; the file is corrupt, "
+                         "or split it into smaller files") from None
 
 
 def _load_image(path: Path, spec: InputSpec) -> np.ndarray:
@@ -48,7 +84,9 @@ def _load_image(path: Path, spec: InputSpec) -> np.ndarray:
         with Image.open(path) as im:
             im = im.convert("L" if c == 1 else "RGB").resize((w, h), Image.BILINEAR)
             arr = np.asarray(im, dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        # PIL raises SyntaxError for some broken headers and DecompressionBombError for
+        # images over its pixel limit (a decompression bomb or a wrong file).
         raise InputError(f"{path}: not a readable image ({e})") from None
     arr = arr[None] if c == 1 else arr.transpose(2, 0, 1)
     lo, hi = spec.value_range or (0.0, 1.0)

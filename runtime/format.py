@@ -52,7 +52,7 @@ def activation_output_name(layer: str) -> str:
     return ACTIVATION_PREFIX + re.sub(r"[^0-9A-Za-z_]", "_", layer)
 
 
-def graph_sha256(model_bytes: bytes) -> str:
+def graph_sha256(model_bytes: bytes, path: str | None = None) -> str:
     """sha256 of the serialized GraphProto inside a serialized ModelProto.
 
     It covers every node and constant (model weights and fitted statistics alike) and
@@ -61,8 +61,9 @@ def graph_sha256(model_bytes: bytes) -> str:
     try:
         return hashlib.sha256(top_level_field(model_bytes, GRAPH_FIELD)).hexdigest()
     except ValueError as e:
+        where = f"{path}: " if path else ""
         raise ModelFileError(
-            f"the file is not a well-formed ONNX model ({e}); it may be truncated or corrupt. "
+            f"{where}the file is not a well-formed ONNX model ({e}); it may be truncated or corrupt. "
             "Re-export it or copy it again."
         ) from None
 
@@ -165,6 +166,8 @@ def parse_metadata(meta: dict[str, str], path: str = "<model>") -> FormatInfo:
             for l in _json(meta, KEY_LAYERS, path)
         )
         inp = _json(meta, KEY_INPUT, path)
+        if not isinstance(inp, dict):
+            raise TypeError(f"{KEY_INPUT} must be a JSON object, got {type(inp).__name__}")
         rng = inp.get("range")
         spec = InputSpec(
             name=str(inp["name"]),
@@ -173,6 +176,8 @@ def parse_metadata(meta: dict[str, str], path: str = "<model>") -> FormatInfo:
             value_range=(float(rng[0]), float(rng[1])) if rng else None,
         )
         threshold = float(meta[KEY_THRESHOLD])
+        if threshold != threshold:  # NaN would make every verdict "anomalous" silently
+            raise ValueError(f"{KEY_THRESHOLD} is NaN")
         classes = tuple(str(c) for c in _json(meta, KEY_CLASSES, path))
         outputs = dict(_json(meta, KEY_OUTPUTS, path))
         params = dict(_json(meta, KEY_PARAMS, path))

@@ -6,14 +6,19 @@ Rules (documented in README "Errors and limits"):
   any other dtype (ints, bool, complex, strings, objects) is refused.
 - shape: ``[B, *sample]`` as recorded; a single sample ``sample`` gets a batch axis; for
   one-channel models ``[B, H, W]`` gets the channel axis. Anything else is refused.
-- values: NaN/Inf are allowed and always reported anomalous (score = +inf); values far
+- values: NaN/Inf are allowed and always reported anomalous (score = +inf, is_anomaly true
+  whatever the threshold); values far
   outside the recorded input range (more than one range-width beyond it) are refused,
-  since they almost always mean a scaling mistake (e.g. 0..255 instead of 0..1).
+  since they almost always mean a scaling mistake (e.g. 0..255 instead of 0..1). The check
+  reads the values before the float32 cast, so a float64 1e300 is refused, not turned into inf
+  (with ``range_check="off"`` it becomes inf and is scored as a non-finite input).
 - memory layout: non-contiguous arrays are copied to C order.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any
 
 import numpy as np
@@ -24,6 +29,7 @@ from .format import InputSpec
 RANGE_CHECKS = ("error", "off")
 
 
+@functools.lru_cache(maxsize=64)  # built on every call for the messages; specs are few and frozen
 def _describe(spec: InputSpec) -> str:
     dims = ", ".join("B" if d is None else str(d) for d in spec.shape)
     rng = f" with values in [{spec.value_range[0]:g}, {spec.value_range[1]:g}]" if spec.value_range else ""
@@ -41,8 +47,10 @@ def as_batch(x: Any, spec: InputSpec, range_check: str = "error") -> np.ndarray:
         raise InputError(f"input cannot be read as an array ({e}); expected {expected}") from None
     kind = arr.dtype.kind
     sample = tuple(spec.shape[1:])
+    src = arr  # the range check reads the values before a float64 -> float32 cast can overflow
     if kind == "f":
-        arr = arr.astype(np.float32, copy=False)
+        with np.errstate(over="ignore"):
+            arr = arr.astype(np.float32, copy=False)
     elif arr.dtype == np.uint8:
         lo, hi = spec.value_range or (0.0, 1.0)
         if lo < -1e-6 or hi > 1.0 + 1e-6:
@@ -69,15 +77,15 @@ def as_batch(x: Any, spec: InputSpec, range_check: str = "error") -> np.ndarray:
     if range_check == "error" and spec.value_range and arr.size:
         lo, hi = spec.value_range
         width = max(hi - lo, 1e-6)
-        finite = np.isfinite(arr)
-        if not finite.all():
-            vals = arr[finite]
+        vals = src if kind == "f" else arr
+        # min/max propagate NaN and show +-Inf: two reductions settle the all-finite case
+        amin, amax = float(vals.min()), float(vals.max())
+        if not (math.isfinite(amin) and math.isfinite(amax)):
+            vals = vals[np.isfinite(vals)]
             amin = float(vals.min()) if vals.size else lo
             amax = float(vals.max()) if vals.size else hi
-        else:
-            amin, amax = float(arr.min()), float(arr.max())
         if amin < lo - width or amax > hi + width:
-            hint = " (looks like 0..255 pixels: divide by 255)" if amax > 2 and hi <= 1.0 + 1e-6 else ""
+            hint = " (looks like 0..255 pixels: divide by 255)" if 2 < amax <= 256 and hi <= 1.0 + 1e-6 else ""
             raise InputError(
                 f"input values span [{amin:g}, {amax:g}], far outside the model's range "
                 f"[{lo:g}, {hi:g}]{hint}. Rescale the input, or pass range_check='off' to score "
