@@ -17,7 +17,8 @@ to sum 1 and rho' = rho / sum(alpha):   raw = log rho' - log sum_i a_i K(x, s_i)
 For the ball: raw = ||x - centre|| - radius.
 
 ``UniformHead`` below IS the scoring math: it is the torch reference and it is what
-``torch.onnx.export`` turns into the graph, all classes in one matmul per layer.
+``torch.onnx.export`` turns into the graph (fused across layers and classes; see its docstring
+and BENCHMARKS.md for why it is shaped the way it is).
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ from .. import boundaries
 from ..detector import Detector
 
 PAD_LOGIT = -1e30  # log-weight of padding support vectors: exp() of it is exactly 0
+# Up to this batch size the head gathers the predicted class's support vectors before the
+# matmul (measured crossover on 2 cores: ~16 for the reference CNN; see BENCHMARKS.md).
+SMALL_BATCH = 16
 
 
 class RBFLayerRegions(nn.Module):
@@ -65,6 +69,25 @@ class RBFLayerRegions(nn.Module):
         self.register_buffer("sv2", torch.tensor(2.0 * sv.reshape(c * m, d).T, dtype=torch.float32))
         self.register_buffer("bias", torch.tensor(bias.reshape(c * m), dtype=torch.float32))
         self.register_buffer("log_rho", torch.tensor(log_rho, dtype=torch.float32))
+        # float64 copies for UniformHead's fused graph (folded before the float32 cast).
+        self._f64 = {"mean": np.asarray(mean, np.float64), "w": g / np.asarray(std, np.float64),
+                     "sv2": 2.0 * sv, "bias": bias, "log_rho": log_rho}
+
+    def fused(self, m: int) -> tuple[np.ndarray, np.ndarray]:
+        """The affine map and log rho folded in, padded to ``m`` support vectors per class:
+        ``z_k = f @ W[k] + c[k]`` with ``W [C, D, m]``, ``c [C, m]``, so that
+        ``logsumexp_i z_k[i] = log sum_i a_i K(x, s_i) - ||u||^2 - log rho'_k``."""
+        p = self._f64
+        c, d = self.num_classes, len(p["mean"])
+        sv2 = np.zeros((c, m, d))
+        sv2[:, :self.max_sv] = p["sv2"]
+        real = np.zeros((c, m), bool)
+        real[:, :self.max_sv] = p["bias"] > PAD_LOGIT
+        bias = np.pad(p["bias"], ((0, 0), (0, m - self.max_sv)))
+        const = sv2 @ (-p["mean"] * p["w"]) + bias - p["log_rho"][:, None]   # b @ sv2 + bias - log rho'
+        const = np.where(real, const, PAD_LOGIT)
+        w = np.ascontiguousarray((sv2 * p["w"]).transpose(0, 2, 1))           # diag(w) @ sv2, [C, D, m]
+        return w, const
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         u = f * self.w + self.b
@@ -95,6 +118,14 @@ class UniformHead(nn.Module):
     """``(logits, pred, feats) -> (score [B], layer_scores [B, L])``; higher = more anomalous.
 
     layer_score_l = raw_l[c^] / scale_l[c^]; score = max over layers.
+
+    With RBF regions the graph is fused across layers (few ops: at batch 1 onnxruntime's
+    per-node cost and the weight reads dominate, not the arithmetic): standardisation,
+    sqrt(gamma) and log rho are folded into one weight ``W_l [C, D_l, m]`` per layer, the
+    kernel logits of the predicted class come from ``_kernel_logits`` (an ``If`` on the
+    batch size in the graph), one ReduceLogSumExp covers all layers, and ||u||^2 of every
+    layer is one MatMul of the squared centred features. The per-layer region modules
+    (``raw``) stay the unfused reference; both give the same numbers up to float error.
     """
 
     def __init__(self, regions: Sequence[nn.Module], scales: np.ndarray):
@@ -102,12 +133,61 @@ class UniformHead(nn.Module):
         self.regions = nn.ModuleList(regions)
         # [L, C] -> stored as [C, L] so one gather picks the predicted class for every layer.
         self.register_buffer("inv_scale", torch.tensor(1.0 / scales.T, dtype=torch.float32))
+        self.fused = bool(regions) and all(isinstance(r, RBFLayerRegions) for r in regions)
+        if self.fused:
+            self._build_fused(regions)
+
+    def _build_fused(self, regions: Sequence["RBFLayerRegions"]) -> None:
+        m = max(r.max_sv for r in regions)
+        self.num_classes, self.max_sv = regions[0].num_classes, m
+        dims = [len(r._f64["mean"]) for r in regions]
+        w2 = np.zeros((sum(dims), len(regions)))
+        consts, start = [], 0
+        for li, (r, d) in enumerate(zip(regions, dims)):
+            w2[start:start + d, li] = r._f64["w"] ** 2   # ||u_l||^2 = sum_{d in l} w_d^2 (f_d - mean_d)^2
+            w, c = r.fused(m)
+            self.register_buffer(f"sv_w{li}", torch.tensor(w, dtype=torch.float32))   # [C, D_l, m]
+            consts.append(c)
+            start += d
+        self.register_buffer("sv_c", torch.tensor(np.stack(consts, axis=1), dtype=torch.float32))  # [C, L, m]
+        self.register_buffer("feat_mean", torch.tensor(np.concatenate([r._f64["mean"] for r in regions]),
+                                                       dtype=torch.float32))
+        self.register_buffer("norm_w", torch.tensor(w2, dtype=torch.float32))         # [D, L]
 
     def raw(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
         """Raw outside-ness of every layer for every class: ``[B, L, C]``."""
         return torch.stack([r(f) for r, f in zip(self.regions, feats)], dim=1)
 
+    def _kernel_logits(self, pred: torch.Tensor, *feats: torch.Tensor) -> torch.Tensor:
+        """``f_l @ W_l[pred]`` of every layer, ``[B, L, m]``. Small batches gather the
+        predicted class's support vectors first (reads ~1/C of the weights: that is what
+        costs at batch 1); large ones run one matmul per layer over all classes and gather
+        after (a gathered copy per input would cost more than the matmul). Same math."""
+        ws = [getattr(self, f"sv_w{li}") for li in range(len(feats))]
+        n_layers, m = len(feats), self.max_sv
+
+        def gather_first(pred, *feats):
+            return torch.cat([torch.matmul(f.unsqueeze(1), torch.index_select(w, 0, pred))
+                              for f, w in zip(feats, ws)], dim=1)                    # [B, L, m]
+
+        def matmul_first(pred, *feats):
+            z = torch.cat([torch.matmul(f, w) for f, w in zip(feats, ws)], dim=2)     # [C, B, L*m]
+            idx = pred.reshape(1, -1, 1).expand(1, -1, z.shape[2])
+            return z.gather(0, idx).reshape(-1, n_layers, m)
+
+        return torch.cond(pred.shape[0] <= SMALL_BATCH, gather_first, matmul_first, (pred, *feats))
+
+    def _fused_raw(self, pred: torch.Tensor, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Raw outside-ness of the predicted class at every layer: ``[B, L]``."""
+        g = torch.cat(list(feats), dim=1) - self.feat_mean
+        norms = torch.matmul(g * g, self.norm_w)                                       # [B, L]
+        z = self._kernel_logits(pred, *feats) + torch.index_select(self.sv_c, 0, pred)  # [B, L, m]
+        return norms - torch.logsumexp(z, dim=2)
+
     def forward(self, logits: torch.Tensor, pred: torch.Tensor, feats: Sequence[torch.Tensor]):
+        if self.fused:
+            layer_scores = self._fused_raw(pred, feats) * torch.index_select(self.inv_scale, 0, pred)
+            return layer_scores.amax(dim=1), layer_scores
         raw = self.raw(feats)                                        # [B, L, C]
         idx = pred.reshape(-1, 1, 1).expand(-1, raw.shape[1], 1)     # [B, L, 1]
         layer_scores = raw.gather(2, idx).squeeze(2) * self.inv_scale[pred]  # [B, L]
