@@ -34,11 +34,27 @@ def resolve_layers(model: nn.Module, layers: Sequence[str]) -> list[nn.Module]:
     return [modules[l] for l in layers]
 
 
+def run_model(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)``, with a failure on the data (typically a wrong input shape) turned into
+    an ExportError that says what was passed."""
+    try:
+        return model(x)
+    except ExportError:
+        raise
+    except Exception as e:
+        msg = str(e).strip().splitlines()
+        raise ExportError(
+            f"the model fails on a data batch of shape {tuple(x.shape)} "
+            f"({type(e).__name__}: {msg[0][:300] if msg else ''}); pass data shaped like the "
+            "model's training input, [N, C, H, W] for a CNN."
+        ) from e
+
+
 def default_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
     """A sensible default: the output of each top-level block that yields a feature map,
     plus the penultimate top-level module (the one feeding the final classifier).
 
-    Decided by a probe forward pass on ``example`` (one input is enough).
+    Decided by a probe forward pass on ``example`` (e.g. the first batch).
     """
     root = model
     prefix = ""
@@ -57,14 +73,7 @@ def default_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
         hooks.append(mod.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            model(example[:1])
-    except Exception as e:  # typically data of the wrong shape for this model
-        msg = str(e).strip().splitlines()
-        raise ExportError(
-            f"the model fails on a data batch of shape {tuple(example.shape)} "
-            f"({type(e).__name__}: {msg[0][:300] if msg else ''}); pass data shaped like the "
-            "model's training input, [N, C, H, W] for a CNN."
-        ) from e
+            run_model(model, example)
     finally:
         for h in hooks:
             h.remove()

@@ -22,7 +22,7 @@ from torch import nn
 from ufad.runtime import format as fmt
 from ufad.runtime.errors import ExportError
 
-from .capture import ActivationCapture, default_layers, resolve_layers
+from .capture import ActivationCapture, default_layers, resolve_layers, run_model
 
 ArrayLike = np.ndarray | torch.Tensor
 Data = ArrayLike | Iterable
@@ -205,17 +205,7 @@ class Detector:
                     )
                 with torch.no_grad():
                     capture.clear()
-                    try:
-                        logits = self.model(x)
-                    except ExportError:
-                        raise
-                    except Exception as e:  # wrong input shape/dtype for this model, typically
-                        msg = str(e).strip().splitlines()
-                        raise ExportError(
-                            f"the model fails on a data batch of shape {tuple(x.shape)} "
-                            f"({type(e).__name__}: {msg[0][:300] if msg else ''}); pass data shaped "
-                            "like the model's training input, [N, C, H, W] for a CNN."
-                        ) from e
+                    logits = run_model(self.model, x)
                     feats = capture.features if self.layers else []
                 if logits.dim() != 2:
                     raise ExportError(
