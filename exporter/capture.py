@@ -100,7 +100,7 @@ class ActivationCapture:
     Use ``capture.features`` after a forward pass; the list follows the order of ``layers``.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[str], reduction: str = "mean"):
+    def __init__(self, model: nn.Module, layers: Sequence[str], reduction: str = "max"):
         if reduction not in REDUCTIONS:
             raise ExportError(f"unknown reduction {reduction!r}; choose one of {sorted(REDUCTIONS)}")
         self.layers = list(layers)

@@ -50,7 +50,7 @@ def load_data(data: str, split: str, limit: int | None) -> tuple[np.ndarray, np.
 @click.option("--calib-data", default=None, help="Held-out ID data for the threshold (default: the dataset's valid split; for an .npz, its last 20%).")
 @click.option("--method", default="uniform", show_default=True, help="Detector (uniform or a baseline).")
 @click.option("--layers", default=None, help="Comma-separated module names to monitor (default: automatic).")
-@click.option("--reduction", default="mean", show_default=True, type=click.Choice(["mean", "max", "flatten"]))
+@click.option("--reduction", default="max", show_default=True, type=click.Choice(["mean", "max", "flatten"]))
 @click.option("--nu", default=0.1, show_default=True, type=float)
 @click.option("--boundary", default="rbf", show_default=True, type=click.Choice(["rbf", "ball"]))
 @click.option("--max-points", default=1000, show_default=True, type=int, help="Fitting points per class.")

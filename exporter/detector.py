@@ -141,7 +141,7 @@ class Detector:
         model: nn.Module,
         layers: Sequence[str] | None = None,
         *,
-        reduction: str = "mean",
+        reduction: str = "max",
         class_names: Sequence[str] | None = None,
         batch_size: int = 256,
         seed: int = 0,

@@ -143,9 +143,13 @@ def _ort_outputs(model_bytes: bytes, x: np.ndarray, names: list[str], chunk: int
     return {n: np.concatenate([o[k] for o in outs]) for k, n in enumerate(names)}
 
 
+GLOBAL_POOLS = {"ReduceMean": "GlobalAveragePool", "ReduceMax": "GlobalMaxPool"}
+
+
 def _spatial_means_as_global_pool(model) -> int:
-    """Rewrite ``ReduceMean`` over every spatial axis of a feature map (the ``mean``
-    reduction of a monitored conv layer) as ``GlobalAveragePool`` (+ ``Flatten``).
+    """Rewrite ``ReduceMean`` / ``ReduceMax`` over every spatial axis of a feature map (the
+    ``mean`` / ``max`` reduction of a monitored conv layer) as ``GlobalAveragePool`` /
+    ``GlobalMaxPool`` (+ ``Flatten``).
 
     Same math. onnxruntime runs GlobalAveragePool in its blocked (NCHWc) conv layout, so a
     monitored block's output is no longer reordered back to NCHW just to be averaged (a
@@ -171,12 +175,12 @@ def _spatial_means_as_global_pool(model) -> int:
     for n in g.node:
         rank = ranks.get(n.input[0]) if n.input else None
         attrs = {a.name: a.i for a in n.attribute}
-        axes = consts.get(n.input[1]) if n.op_type == "ReduceMean" and len(n.input) == 2 else None
+        axes = consts.get(n.input[1]) if n.op_type in GLOBAL_POOLS and len(n.input) == 2 else None
         if (n.domain in ("", "ai.onnx") and axes is not None and rank is not None and rank >= 3
                 and sorted(int(a) % rank for a in np.ravel(axes)) == list(range(2, rank))
                 and not attrs.get("noop_with_empty_axes", 0)):
             pooled = n.output[0] + "__gap" if attrs.get("keepdims", 1) == 0 else n.output[0]
-            nodes.append(helper.make_node("GlobalAveragePool", [n.input[0]], [pooled], name=n.name + "__gap"))
+            nodes.append(helper.make_node(GLOBAL_POOLS[n.op_type], [n.input[0]], [pooled], name=n.name + "__gap"))
             if pooled != n.output[0]:
                 nodes.append(helper.make_node("Flatten", [pooled], [n.output[0]], name=n.name + "__flat", axis=1))
             count += 1
