@@ -243,15 +243,18 @@ def ort_session_options(threads: int, profile_prefix: str | None = None):
 class HostDetector:
     """The detector math done on the host, as a user without ufad writes it.
 
-    Eager model + forward hooks (spatial mean of each monitored layer) -> numpy ->
+    Eager model + forward hooks (the detector's spatial reduction of each monitored layer) -> numpy ->
     standardise -> per predicted class and layer, scikit-learn ``OneClassSVM``
     ``decision_function`` d -> raw = log(rho) - log(d + rho) (> 0 outside) -> divided by
     the spread of raw over that class's fitting points -> max over layers. NaN/Inf inputs
     score +inf, as in the detector.
     """
 
-    def __init__(self, model, layers: Sequence[str], means, stds, svms, scales: np.ndarray):
-        self.model, self.layers = model, list(layers)
+    def __init__(self, model, layers: Sequence[str], means, stds, svms, scales: np.ndarray,
+                 reduction: str = "max"):
+        from .reductions import reduce
+
+        self.model, self.layers, self.reduction, self._reduce = model, list(layers), reduction, reduce
         self.means, self.stds, self.svms, self.scales = means, stds, svms, scales
         self._acts: dict[str, Any] = {}
         modules = dict(model.named_modules())
@@ -259,7 +262,7 @@ class HostDetector:
 
     def _hook(self, name: str):
         def hook(_module, _inputs, output):
-            self._acts[name] = output.mean(dim=(2, 3)) if output.dim() == 4 else output
+            self._acts[name] = self._reduce(output, self.reduction)
         return hook
 
     @classmethod
@@ -282,7 +285,7 @@ class HostDetector:
                 row.append(svm)
                 scales[li, c] = max(float(np.std(cls._raw(svm, z))), 1e-6)
             svms.append(row)
-        return cls(model, layers, means, stds, svms, scales)
+        return cls(model, layers, means, stds, svms, scales, reduction=fit["reduction"])
 
     @staticmethod
     def _raw(svm, z: np.ndarray) -> np.ndarray:
