@@ -37,6 +37,13 @@ def _grid(n: int):
     return plt, fig, axes.ravel()
 
 
+def _save(plt, fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path.name
+
+
 def write_plots(res: dict[str, Any], out_dir: Path) -> list[str]:
     """ROC curves (one panel per detector, one curve per set) and score histograms
     (ID vs each anomaly kind) of one setup. Returns the written file names."""
@@ -58,11 +65,7 @@ def write_plots(res: dict[str, Any], out_dir: Path) -> list[str]:
     handles = [plt.Line2D([], [], color=c, label=k) for k, c in KIND_COLORS.items() if k not in ("benign",)]
     fig.legend(handles=handles, loc="lower right", fontsize=8)
     fig.suptitle(f"{setup}: ROC per anomaly set (ID = {res['id_dataset']}, ID positive)", fontsize=10)
-    fig.tight_layout()
-    p = Path(out_dir) / f"roc_{setup}.png"
-    fig.savefig(p, dpi=90)
-    plt.close(fig)
-    files.append(p.name)
+    files.append(_save(plt, fig, Path(out_dir) / f"roc_{setup}.png"))
 
     plt, fig, axes = _grid(len(dets))
     for ax, (name, d) in zip(axes, dets):
@@ -84,11 +87,7 @@ def write_plots(res: dict[str, Any], out_dir: Path) -> list[str]:
         ax.set_title(f"{name}: scores (dashed = threshold)", fontsize=9)
         ax.legend(fontsize=7)
     fig.suptitle(f"{setup}: anomaly scores (higher = more anomalous; clipped to 0.5-99.5%)", fontsize=10)
-    fig.tight_layout()
-    p = Path(out_dir) / f"hist_{setup}.png"
-    fig.savefig(p, dpi=90)
-    plt.close(fig)
-    files.append(p.name)
+    files.append(_save(plt, fig, Path(out_dir) / f"hist_{setup}.png"))
     return files
 
 
