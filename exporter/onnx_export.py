@@ -9,7 +9,6 @@ atomic write.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -325,8 +324,3 @@ def export_detector(det, path: Path, *, example=None, simplify: bool = False,
     return ExportReport(path=path, size_bytes=len(data), parity_max_rel_diff=worst,
                         parity_samples=len(check_x), simplified=simplified,
                         seconds=time.time() - t0, notes=notes)
-
-
-def sha256_file(path: Path) -> str:
-    """sha256 of a file's bytes."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

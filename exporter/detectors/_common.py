@@ -57,6 +57,27 @@ class LogitDetector(Detector):
         return [self.method]
 
 
+class TemperedLogitDetector(LogitDetector):
+    """A logit-only baseline with a temperature T (MSP, Energy). Subclasses set ``method``,
+    ``head_class`` (constructed with T) and ``formula`` (recorded in the metadata)."""
+
+    formula = ""
+
+    def __init__(self, model: nn.Module, layers: Sequence[str] | None = None, *,
+                 temperature: float = 1.0, **kwargs: Any):
+        if not temperature > 0:
+            raise ExportError(f"temperature must be > 0, got {temperature}")
+        super().__init__(model, layers, **kwargs)
+        self.temperature = float(temperature)
+
+    def head(self) -> nn.Module:
+        self._require_fitted()
+        return self.head_class(self.temperature)
+
+    def params(self) -> dict[str, Any]:
+        return {"score": self.formula, "temperature": self.temperature}
+
+
 class FeatureDetector(Detector):
     """Base of the detectors that read ONE feature layer (default: the last of
     ``default_layers``, i.e. the penultimate module feeding the classifier).

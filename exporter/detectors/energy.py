@@ -5,13 +5,9 @@ The energy itself is the anomaly score (the paper's ID score is its negation).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from ufad.runtime.errors import ExportError
-
-from ._common import LogitDetector, LogitHead
+from ._common import LogitHead, TemperedLogitDetector
 
 
 class EnergyHead(LogitHead):
@@ -25,7 +21,7 @@ class EnergyHead(LogitHead):
         return -self.t * torch.logsumexp(logits / self.t, dim=1)
 
 
-class EnergyDetector(LogitDetector):
+class EnergyDetector(TemperedLogitDetector):
     """Free energy of the logits; higher = more anomalous.
 
     Args:
@@ -34,16 +30,5 @@ class EnergyDetector(LogitDetector):
     """
 
     method = "energy"
-
-    def __init__(self, model, layers=None, *, temperature: float = 1.0, **kwargs: Any):
-        if not temperature > 0:
-            raise ExportError(f"temperature must be > 0, got {temperature}")
-        super().__init__(model, layers, **kwargs)
-        self.temperature = float(temperature)
-
-    def head(self) -> EnergyHead:
-        self._require_fitted()
-        return EnergyHead(self.temperature)
-
-    def params(self) -> dict[str, Any]:
-        return {"score": "-T * logsumexp(logits / T)", "temperature": self.temperature}
+    head_class = EnergyHead
+    formula = "-T * logsumexp(logits / T)"

@@ -6,13 +6,9 @@ scores near -1, a flat softmax near -1/C).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from ufad.runtime.errors import ExportError
-
-from ._common import LogitDetector, LogitHead
+from ._common import LogitHead, TemperedLogitDetector
 
 
 class MSPHead(LogitHead):
@@ -26,7 +22,7 @@ class MSPHead(LogitHead):
         return -torch.softmax(logits * self.inv_t, dim=1).amax(dim=1)
 
 
-class MSPDetector(LogitDetector):
+class MSPDetector(TemperedLogitDetector):
     """Maximum softmax probability, negated so that higher = more anomalous.
 
     Args:
@@ -35,16 +31,5 @@ class MSPDetector(LogitDetector):
     """
 
     method = "msp"
-
-    def __init__(self, model, layers=None, *, temperature: float = 1.0, **kwargs: Any):
-        if not temperature > 0:
-            raise ExportError(f"temperature must be > 0, got {temperature}")
-        super().__init__(model, layers, **kwargs)
-        self.temperature = float(temperature)
-
-    def head(self) -> MSPHead:
-        self._require_fitted()
-        return MSPHead(self.temperature)
-
-    def params(self) -> dict[str, Any]:
-        return {"score": "-max softmax(logits / T)", "temperature": self.temperature}
+    head_class = MSPHead
+    formula = "-max softmax(logits / T)"
