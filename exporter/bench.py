@@ -121,9 +121,9 @@ def _recording_detector_class():
         """UniformDetector that keeps references to its fitting points so (c) can refit
         scikit-learn's OneClassSVM on exactly the same data (no copies, same fit)."""
 
-        def _fit_regions(self, kept, means, stds) -> None:
-            self.fit_data = (kept, means, stds)
-            super()._fit_regions(kept, means, stds)
+        def _fit_regions(self, kept) -> None:
+            self.fit_data = kept
+            super()._fit_regions(kept)
 
     return RecordingUniformDetector
 
@@ -158,10 +158,10 @@ def _fit_worker(cfg_path: str) -> None:
     t4 = time.perf_counter()
     cpu = time.process_time() - c0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    kept, means, stds = det.fit_data
+    kept = det.fit_data
     arrays: dict[str, np.ndarray] = {}
-    for li in range(len(det.layers)):
-        arrays[f"mean_{li}"], arrays[f"std_{li}"] = means[li], stds[li]
+    for li, fmap in enumerate(det._fmaps):
+        arrays[f"mean_{li}"], arrays[f"transform_{li}"] = fmap.mean, fmap.transform
         for c in range(det.num_classes):
             arrays[f"kept_{li}_{c}"] = kept[c][li]
     arrays["inv_scale"] = det.head().inv_scale.numpy()
@@ -243,22 +243,25 @@ def ort_session_options(threads: int, profile_prefix: str | None = None):
 class HostDetector:
     """The detector math done on the host, as a user without ufad writes it.
 
-    Eager model + forward hooks (the detector's spatial reduction of each monitored layer) -> numpy ->
-    standardise -> per predicted class and layer, scikit-learn ``OneClassSVM``
-    ``decision_function`` d -> raw = log(rho) - log(d + rho) (> 0 outside) -> divided by
-    the spread of raw over that class's fitting points -> max over layers. NaN/Inf inputs
-    score +inf, as in the detector.
+    Eager model + forward hooks (the detector's spatial reduction of each monitored layer;
+    sqrt(softmax(logits)) for ``@sqrt_softmax``) -> numpy -> the detector's feature maps
+    (standardise, or whiten with its matrix) -> per predicted class and layer, scikit-learn
+    ``OneClassSVM`` ``decision_function`` d -> raw = log(rho) - log(d + rho) (> 0 outside)
+    -> minus the median, divided by the spread of raw over that class's fitting points ->
+    max over layers. NaN/Inf inputs score +inf, as in the detector.
     """
 
-    def __init__(self, model, layers: Sequence[str], means, stds, svms, scales: np.ndarray,
-                 reduction: str = "max"):
+    def __init__(self, model, layers: Sequence[str], maps: Sequence[FeatureMap], svms,
+                 centres: np.ndarray, scales: np.ndarray, reduction: str = "max"):
+        from .capture import SOFTMAX
         from .reductions import reduce
 
         self.model, self.layers, self.reduction, self._reduce = model, list(layers), reduction, reduce
-        self.means, self.stds, self.svms, self.scales = means, stds, svms, scales
+        self.maps, self.svms, self.centres, self.scales = list(maps), svms, centres, scales
         self._acts: dict[str, Any] = {}
         modules = dict(model.named_modules())
-        self._hooks = [modules[name].register_forward_hook(self._hook(name)) for name in self.layers]
+        self._hooks = [modules[name].register_forward_hook(self._hook(name))
+                       for name in self.layers if name != SOFTMAX]
 
     def _hook(self, name: str):
         def hook(_module, _inputs, output):
@@ -271,21 +274,24 @@ class HostDetector:
         gamma, tolerance), and each (layer, class) scale as the detector defines it."""
         from sklearn.svm import OneClassSVM
 
+        from .detectors.uniform import SCALE_FLOOR
+        from .feature_maps import FeatureMap
+
         n_cls, layers = fit["num_classes"], fit["layers"]
-        means = [fit_data[f"mean_{l}"] for l in range(len(layers))]
-        stds = [fit_data[f"std_{l}"] for l in range(len(layers))]
+        maps = [FeatureMap(fit_data[f"mean_{l}"], fit_data[f"transform_{l}"]) for l in range(len(layers))]
         svms: list[list[Any]] = []
-        scales = np.ones((len(layers), n_cls))
-        for li in range(len(layers)):
+        scales, centres = np.ones((len(layers), n_cls)), np.zeros((len(layers), n_cls))
+        for li, fmap in enumerate(maps):
             row = []
             for c in range(n_cls):
-                z = (fit_data[f"kept_{li}_{c}"] - means[li]) / stds[li]
+                z = fmap.apply(fit_data[f"kept_{li}_{c}"])
                 svm = OneClassSVM(kernel="rbf", nu=fit["nu"], gamma=fit["gammas"][li], tol=1e-4,
                                   cache_size=200).fit(z)
                 row.append(svm)
-                scales[li, c] = max(float(np.std(cls._raw(svm, z))), 1e-6)
+                raw = cls._raw(svm, z)
+                centres[li, c], scales[li, c] = float(np.median(raw)), max(float(np.std(raw)), SCALE_FLOOR)
             svms.append(row)
-        return cls(model, layers, means, stds, svms, scales, reduction=fit["reduction"])
+        return cls(model, layers, maps, svms, centres, scales, reduction=fit["reduction"])
 
     @staticmethod
     def _raw(svm, z: np.ndarray) -> np.ndarray:
@@ -297,17 +303,20 @@ class HostDetector:
         """``(logits, pred, score)`` of a float32 batch; higher score = more anomalous."""
         import torch
 
+        from .capture import SOFTMAX
+
         with torch.no_grad():
             logits = self.model(torch.from_numpy(x))
-        acts = [self._acts[name].numpy() for name in self.layers]
+        acts = [torch.sqrt(torch.softmax(logits, dim=1)).numpy() if name == SOFTMAX else self._acts[name].numpy()
+                for name in self.layers]
         logits_np = logits.numpy()
         pred = logits_np.argmax(axis=1)
         layer_scores = np.empty((len(x), len(self.layers)))
         for c in np.unique(pred):
             rows = np.flatnonzero(pred == c)
             for li, a in enumerate(acts):
-                z = (a[rows].astype(np.float64) - self.means[li]) / self.stds[li]
-                layer_scores[rows, li] = self._raw(self.svms[li][c], z) / self.scales[li, c]
+                raw = self._raw(self.svms[li][c], self.maps[li].apply(a[rows]))
+                layer_scores[rows, li] = (raw - self.centres[li, c]) / self.scales[li, c]
         score = layer_scores.max(axis=1)
         bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1) | np.isnan(score)
         score[bad] = np.inf
@@ -551,11 +560,16 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> 
         xs = {b: np.ascontiguousarray(x_all[np.arange(b) % len(x_all)]) for b in cfg.batches}
         for b, x in xs.items():
             log(f"timing batch {b}: {cfg.repeats_for(b)} calls each after {cfg.warmup_for(b)} warm-up ...")
-            t = time_interleaved({
+            # (c) first and on its own: torch's OpenMP workers keep spinning after each of
+            # its calls and, interleaved, took cores from onnxruntime's threads (an earlier
+            # version of this bench measured b/a = 2.07 at batch 1 that way). (a) and (b)
+            # then run interleaved, so a noisy neighbour slows both alike.
+            t = time_interleaved({"host": lambda: host.score(x)}, cfg.repeats_for(b), cfg.warmup_for(b))
+            time.sleep(0.2)  # let the OpenMP workers go to sleep
+            t.update(time_interleaved({
                 "bare": lambda: sess_a.run(None, {"input": x}),
                 "ufad": lambda: sess_b.run(x),
-                "host": lambda: host.score(x),
-            }, cfg.repeats_for(b), cfg.warmup_for(b))
+            }, cfg.repeats_for(b), cfg.warmup_for(b)))
             for v in VARIANTS:
                 latency[v][str(b)] = _stats(t[v], b)
         host.remove()

@@ -2,6 +2,13 @@
 
 The same capture runs eagerly (fitting, the torch reference) and under ``torch.onnx.export``
 (non-strict tracing runs the hooks as plain Python), so both see the same tensors.
+
+Besides module names, ``layers`` may hold ``SOFTMAX`` (``"@sqrt_softmax"``): the classifier's
+output distribution as ``sqrt(softmax(logits))`` (its Hellinger embedding: Euclidean distance
+there is the Hellinger distance between output distributions, and near-zero probabilities
+keep a usable spread, so its region is not numerically degenerate). It is not a module (most
+models return logits), so it is computed from the logits rather than hooked; ``@`` cannot
+start a module name, so it never collides with one.
 """
 
 from __future__ import annotations
@@ -16,22 +23,27 @@ from ufad.runtime.errors import ExportError
 from .reductions import REDUCTIONS, reduce
 
 
+SOFTMAX = "@sqrt_softmax"
+
+
 def module_names(model: nn.Module) -> list[str]:
-    """Every named submodule of ``model`` (the names ``layers=`` accepts)."""
+    """Every named submodule of ``model`` (the names ``layers=`` accepts, with ``SOFTMAX``)."""
     return [n for n, _ in model.named_modules() if n]
 
 
-def resolve_layers(model: nn.Module, layers: Sequence[str]) -> list[nn.Module]:
-    """Look up modules by name; unknown names raise an ExportError listing the valid ones."""
+def resolve_layers(model: nn.Module, layers: Sequence[str]) -> list[nn.Module | None]:
+    """Look up modules by name (None for ``SOFTMAX``); unknown names raise an ExportError
+    listing the valid ones."""
     modules = dict(model.named_modules())
-    unknown = [l for l in layers if l not in modules or not l]
+    unknown = [l for l in layers if l != SOFTMAX and (l not in modules or not l)]
     if unknown:
         valid = module_names(model)
         shown = ", ".join(valid[:60]) + (" ..." if len(valid) > 60 else "")
-        raise ExportError(f"unknown layer name(s) {unknown}. Valid module names: {shown}")
+        raise ExportError(f"unknown layer name(s) {unknown}. Valid module names: {shown} "
+                          f"(and {SOFTMAX!r}, sqrt(softmax(logits)))")
     if len(set(layers)) != len(layers):
         raise ExportError(f"layer names must be unique, got {list(layers)}")
-    return [modules[l] for l in layers]
+    return [None if l == SOFTMAX else modules[l] for l in layers]
 
 
 def run_model(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -97,7 +109,8 @@ def default_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
 class ActivationCapture:
     """Registers forward hooks on ``layers`` and keeps their reduced outputs of the last call.
 
-    Use ``capture.features`` after a forward pass; the list follows the order of ``layers``.
+    Use ``capture.collect(logits)`` after a forward pass; the list follows the order of
+    ``layers`` (``SOFTMAX`` is computed from ``logits``).
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[str], reduction: str = "max"):
@@ -108,7 +121,8 @@ class ActivationCapture:
         self._out: dict[str, torch.Tensor] = {}
         self._handles = []
         for name, mod in zip(self.layers, resolve_layers(model, self.layers)):
-            self._handles.append(mod.register_forward_hook(self._hook(name)))
+            if mod is not None:
+                self._handles.append(mod.register_forward_hook(self._hook(name)))
 
     def _hook(self, name: str):
         def hook(_module, _inputs, output):
@@ -125,15 +139,16 @@ class ActivationCapture:
             self._out[name] = reduce(output, self.reduction)
         return hook
 
-    @property
-    def features(self) -> list[torch.Tensor]:
-        missing = [l for l in self.layers if l not in self._out]
+    def collect(self, logits: torch.Tensor) -> list[torch.Tensor]:
+        """The reduced activations of the last forward pass, in ``layers`` order."""
+        missing = [l for l in self.layers if l != SOFTMAX and l not in self._out]
         if missing:
             raise ExportError(
                 f"layer(s) {missing} were not called during the forward pass; monitor modules "
                 "that the model's forward() actually runs."
             )
-        return [self._out[l] for l in self.layers]
+        return [torch.sqrt(torch.softmax(logits.float(), dim=1)) if l == SOFTMAX else self._out[l]
+                for l in self.layers]
 
     def clear(self) -> None:
         self._out.clear()

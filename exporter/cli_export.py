@@ -49,10 +49,12 @@ def load_data(data: str, split: str, limit: int | None) -> tuple[np.ndarray, np.
               help="State dict (.safetensors, or .pt loaded with weights_only=True).")
 @click.option("--calib-data", default=None, help="Held-out ID data for the threshold (default: the dataset's valid split; for an .npz, its last 20%).")
 @click.option("--method", default="uniform", show_default=True, help="Detector (uniform or a baseline).")
-@click.option("--layers", default=None, help="Comma-separated module names to monitor (default: automatic).")
+@click.option("--layers", default=None, help="Comma-separated module names to monitor, @sqrt_softmax for the output layer (default: automatic).")
 @click.option("--reduction", default="max", show_default=True, type=click.Choice(["mean", "max", "flatten"]))
 @click.option("--nu", default=0.1, show_default=True, type=float)
 @click.option("--boundary", default="rbf", show_default=True, type=click.Choice(["rbf", "ball"]))
+@click.option("--whiten", default="penultimate", show_default=True, type=click.Choice(["penultimate", "all", "none"]),
+              help="Layers whitened with the tied class covariance (uniform).")
 @click.option("--max-points", default=1000, show_default=True, type=int, help="Fitting points per class.")
 @click.option("--tpr", default=0.95, show_default=True, type=float, help="Fraction of held-out ID data accepted.")
 @click.option("--limit", default=None, type=int, help="Use only the first N fitting samples.")
@@ -60,7 +62,7 @@ def load_data(data: str, split: str, limit: int | None) -> tuple[np.ndarray, np.
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def export_command(model_spec, data, output, weights, calib_data, method, layers, reduction, nu,
-                   boundary, max_points, tpr, limit, simplify, seed, quiet):
+                   boundary, whiten, max_points, tpr, limit, simplify, seed, quiet):
     """Fit a detector for MODEL (package.module:factory; this RUNS that code) on ID data
     and write it as one self-contained .onnx file."""
     import torch
@@ -82,7 +84,7 @@ def export_command(model_spec, data, output, weights, calib_data, method, layers
     model.eval()
     kwargs = dict(seed=seed, progress=not quiet, reduction=reduction)
     if method == "uniform":
-        kwargs.update(nu=nu, boundary=boundary, max_points=max_points)
+        kwargs.update(nu=nu, boundary=boundary, whiten=whiten, max_points=max_points)
     layer_list = [l.strip() for l in layers.split(",") if l.strip()] if layers else None
     # Built before the data loads so bad layers / nu / boundary fail fast; classes come later.
     det = DETECTORS[method](model, layer_list, **kwargs)

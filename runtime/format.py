@@ -87,6 +87,11 @@ class InputSpec:
     dtype: str
     value_range: tuple[float, float] | None
 
+    @property
+    def sample_shape(self) -> tuple[int | None, ...]:
+        """The shape of one sample (``shape`` without the batch axis)."""
+        return tuple(self.shape[1:])
+
 
 @dataclass(frozen=True)
 class FormatInfo:

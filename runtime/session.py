@@ -12,6 +12,7 @@ per-call state on the object and onnxruntime's ``InferenceSession.run`` is threa
 
 from __future__ import annotations
 
+import math
 import operator
 import os
 import warnings
@@ -23,7 +24,7 @@ import numpy as np
 
 from . import format as fmt
 from .errors import InputError, ModelFileError, ProviderError
-from .inputs import as_batch
+from .inputs import check_batch
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 MAX_FILE_BYTES = 2 ** 31
@@ -159,8 +160,22 @@ class AnomalySession:
             )
         if provider.lower() == "auto" and PROVIDERS["cuda"] in providers and self.provider != PROVIDERS["cuda"]:
             warnings.warn(f"CUDA is installed but could not be used; running on {self.provider}", RuntimeWarning)
+        if range_check not in ("error", "off"):
+            raise InputError(f"range_check must be 'error' or 'off', got {range_check!r}")
         self.range_check = range_check
         self.threshold = self.info.threshold
+        with np.errstate(over="ignore"):
+            self._default_thr_feed = np.array(self.threshold, dtype=np.float32)
+        self._in_name = self.info.input.name
+        self._out_names = [fmt.OUT_LOGITS, fmt.OUT_PRED, fmt.OUT_SCORE, fmt.OUT_IS_ANOMALY, fmt.OUT_LAYER_SCORES]
+        self._act_names = [l.output for l in self.info.layers]
+        # The binding's own run: InferenceSession.run adds ~3 us of Python checks per call
+        # (a visible share at batch 1: BENCHMARKS.md) and, on a provider failure, silently
+        # retries on CPU, which ufad must never do. Feeds are always complete here.
+        inner = getattr(self._sess, "_sess", None)
+        self._run_fn = inner.run if inner is not None and hasattr(inner, "run") else self._sess.run
+        if hasattr(self._sess, "disable_fallback"):
+            self._sess.disable_fallback()
         self.classes = self.info.classes
         # metadata is not covered by the graph hash: read the column names defensively
         ls = self.info.outputs.get(fmt.OUT_LAYER_SCORES)
@@ -209,42 +224,62 @@ class AnomalySession:
     def run(self, x: Any, threshold: float | None = None, *, batch_size: int = 1024,
             activations: bool = False) -> ScoreResult:
         """Score a batch ``x`` (see ``ufad.runtime.inputs`` for accepted shapes/dtypes)."""
-        try:
-            batch_size = operator.index(batch_size)
-        except TypeError:
-            raise InputError(f"batch_size must be an integer, got {batch_size!r}") from None
+        if batch_size.__class__ is not int:
+            try:
+                batch_size = operator.index(batch_size)
+            except TypeError:
+                raise InputError(f"batch_size must be an integer, got {batch_size!r}") from None
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
-        arr = as_batch(x, self.info.input, self.range_check)
-        thr = self.threshold if threshold is None else threshold
-        try:
-            thr = float(thr)
-        except (TypeError, ValueError):
-            raise InputError(f"threshold must be a number, got {threshold!r}") from None
-        if np.isnan(thr):
-            raise InputError("threshold is NaN; pass a finite number or +inf")
-        names = [fmt.OUT_LOGITS, fmt.OUT_PRED, fmt.OUT_SCORE, fmt.OUT_IS_ANOMALY, fmt.OUT_LAYER_SCORES]
-        act_names = [l.output for l in self.info.layers] if activations else []
-        with np.errstate(over="ignore"):  # |threshold| beyond float32 means +-inf, as intended
-            feed_thr = np.array(thr, dtype=np.float32)
-        chunks: list[list[np.ndarray]] = []
-        for i in range(0, len(arr), batch_size):
-            feeds = {self.info.input.name: arr[i:i + batch_size], fmt.INPUT_THRESHOLD: feed_thr}
-            chunks.append(self._sess.run(names + act_names, feeds))
-        if not chunks:
-            return self._empty(thr, act_names)
-        cols = [np.concatenate([c[k] for c in chunks]) if len(chunks) > 1 else chunks[0][k]
-                for k in range(len(names) + len(act_names))]
-        nonfinite = ~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)
-        # The graph already gives these +inf; OR-ing keeps the rule true for threshold=+inf
-        # and for files exported before the graph did it too.
-        is_anomaly = cols[3] | nonfinite | np.isnan(cols[2])
+        arr, all_finite = check_batch(x, self.info.input, self.range_check)
+        thr, feed_thr = self._threshold_feed(threshold)
+        names = self._out_names + (self._act_names if activations else [])
+        if len(arr) <= batch_size:
+            cols = self._run(names, {self._in_name: arr, fmt.INPUT_THRESHOLD: feed_thr}) if len(arr) else None
+        else:
+            chunks = [self._run(names, {self._in_name: arr[i:i + batch_size], fmt.INPUT_THRESHOLD: feed_thr})
+                      for i in range(0, len(arr), batch_size)]
+            cols = [np.concatenate([c[k] for c in chunks]) for k in range(len(names))]
+        if cols is None:
+            return self._empty(thr, self._act_names if activations else [])
+        if all_finite:
+            nonfinite = np.zeros(len(arr), bool)
+            is_anomaly = cols[3]
+        else:
+            nonfinite = ~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)
+            # The graph already gives these +inf; OR-ing keeps the rule true for threshold=+inf
+            # and for files exported before the graph did it too.
+            is_anomaly = cols[3] | nonfinite | np.isnan(cols[2])
         return ScoreResult(
             logits=cols[0], pred=cols[1], score=cols[2], is_anomaly=is_anomaly, layer_scores=cols[4],
             threshold=thr, classes=self.classes, layer_names=self.layer_names,
             provider=self.provider, nonfinite=nonfinite,
-            activations={n: c for n, c in zip(act_names, cols[5:])},
+            activations=dict(zip(names[5:], cols[5:])),
         )
+
+    def _threshold_feed(self, threshold: Any) -> tuple[float, np.ndarray]:
+        if threshold is None:
+            return self.threshold, self._default_thr_feed
+        try:
+            thr = float(threshold)
+        except (TypeError, ValueError):
+            raise InputError(f"threshold must be a number, got {threshold!r}") from None
+        if math.isnan(thr):
+            raise InputError("threshold is NaN; pass a finite number or +inf")
+        with np.errstate(over="ignore"):  # |threshold| beyond float32 means +-inf, as intended
+            return thr, np.array(thr, dtype=np.float32)
+
+    def _run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return self._run_fn(names, feeds, None)
+        except Exception as e:  # a provider failure at run time (e.g. CUDA out of memory)
+            if not type(e).__module__.startswith("onnxruntime"):
+                raise
+            raise ProviderError(
+                f"onnxruntime failed to run the detector on {self.provider}: "
+                f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__}. "
+                "With CUDA, try a smaller batch_size or provider='cpu'."
+            ) from None
 
     __call__ = run
 

@@ -100,7 +100,7 @@ def train_features(reference_model, mnist):
             for i in range(0, len(x), 500):
                 cap.clear()
                 logits.append(reference_model(torch.from_numpy(x[i:i + 500])))
-                for j, f in enumerate(cap.features):
+                for j, f in enumerate(cap.collect(logits[-1])):
                     feats[j].append(f)
     finally:
         cap.remove()

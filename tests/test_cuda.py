@@ -81,3 +81,23 @@ def test_unknown_provider_is_refused():
     with pytest.raises(ProviderError, match="choose auto, cpu or cuda"):
         resolve_providers("tpu")
     assert resolve_providers("CPU") == ["CPUExecutionProvider"]
+
+
+def test_runtime_failure_inside_onnxruntime_is_a_provider_error(exported_path, mnist):
+    """A failure while onnxruntime runs (e.g. CUDA out of memory) surfaces as a ProviderError
+    that names the provider, never as a raw traceback, and never as a silent CPU retry
+    (onnxruntime's InferenceSession.run would retry on CPU: the session turns that off)."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+    sess = AnomalySession(exported_path, provider="cpu")
+    assert sess._sess._enable_fallback is False
+    calls = []
+
+    def failing(names, feeds, options):
+        calls.append(len(feeds))
+        raise Fail("[ONNXRuntimeError] : 1 : FAIL : CUDA failure 2: out of memory")
+
+    sess._run_fn = failing
+    with pytest.raises(ProviderError, match="CPUExecutionProvider.*out of memory.*smaller batch_size"):
+        sess.run(mnist["test"][0][:4])
+    assert calls == [2]  # one attempt, no retry

@@ -36,7 +36,7 @@ def ref(session, x) -> ScoreResult:
     return session.run(x)
 
 
-RTOL = 1e-4  # the exporter's own torch/onnxruntime parity bar
+RTOL = 1e-4  # the exporter's own torch/onnxruntime parity bar: |a - b| <= RTOL * max(1, |b|)
 
 
 def _close(a: ScoreResult, b: ScoreResult) -> None:
@@ -85,7 +85,7 @@ def test_single_sample_and_channel_axis_are_added(session, x, ref):
     _same(session.run(x[3, 0]), one)  # [28, 28]
     _same(session.run(x[3]), one)     # [1, 28, 28]: a single sample
     assert len(one) == 1 and one.pred[0] == ref.pred[3]
-    np.testing.assert_allclose(one.score[0], ref.score[3], rtol=RTOL)
+    np.testing.assert_allclose(one.score[0], ref.score[3], rtol=RTOL, atol=RTOL)
     _same(session.run(x[:, 0]), ref)  # [B, 28, 28] for a one-channel model
 
 
@@ -144,7 +144,7 @@ def test_nan_inf_are_anomalous_in_runtime(session, x, ref, threshold):
     # Clean rows of the same batch are scored as without the poisoned ones.
     clean = session.run(x[:8], threshold=threshold)
     np.testing.assert_array_equal(res.score[~mask], clean.score[~mask])
-    np.testing.assert_allclose(res.score[~mask], ref.score[:8][~mask], rtol=RTOL)
+    np.testing.assert_allclose(res.score[~mask], ref.score[:8][~mask], rtol=RTOL, atol=RTOL)
     recs = res.records()
     assert [r["score"] for r in recs[:5]] == ["inf"] * 5
     assert all(r["nonfinite_input"] for r in recs[:5])
@@ -376,7 +376,7 @@ def test_cli_score_good_files(exported_path, tmp_path, x, ref):
     assert result.exit_code == 0, result.output
     rows = [json.loads(l) for l in result.stdout.splitlines()]
     assert len(rows) == 7
-    np.testing.assert_allclose([r["score"] for r in rows[:5]], ref.score[:5], rtol=RTOL)
+    np.testing.assert_allclose([r["score"] for r in rows[:5]], ref.score[:5], rtol=RTOL, atol=RTOL)
     assert rows[5]["pred"] == int(ref.pred[5])
     assert rows[6]["score"] == "inf" and rows[6]["is_anomaly"] and rows[6]["nonfinite_input"]
 

@@ -120,7 +120,7 @@ def test_node_client_threshold_nonfinite_uint8_and_errors(node_ready, exported_p
     ref = session.run(u8, threshold=thr).records() + session.run(nan, threshold=thr).records()
     assert [r["index"] for r in rows] == [0, 1, 2, 3, 0, 1]
     for a, b in zip(rows, ref):
-        assert a["pred"] == b["pred"] and a["is_anomaly"] == b["is_anomaly"]
+        assert a["pred"] == b["pred"] and a["is_anomaly"] == b["is_anomaly"], (a, b)
         assert a["threshold"] == thr and a["nonfinite_input"] == b["nonfinite_input"]
         if isinstance(b["score"], str):
             assert a["score"] == b["score"] == "inf"

@@ -10,6 +10,7 @@ torch = pytest.importorskip("torch")
 
 from ufad.exporter import boundaries  # noqa: E402
 from ufad.exporter.detectors.uniform import RBFLayerRegions, UniformHead  # noqa: E402
+from ufad.exporter.feature_maps import FeatureMap, LayerMoments  # noqa: E402
 from ufad.runtime import format as fmt  # noqa: E402
 
 
@@ -30,7 +31,12 @@ def test_fused_head_equals_per_layer_reference(fitted_detector, features):
     assert head.fused
     with torch.no_grad():
         raw = head.raw(feats)                                          # [B, L, C], unfused
-        per_layer = raw[torch.arange(len(pred)), :, pred] * head.inv_scale[pred]
+        per_layer = (raw[torch.arange(len(pred)), :, pred] - head.centre[pred]) * head.inv_scale[pred]
+    # the default layers: conv blocks, a whitened penultimate layer, and sqrt(softmax)
+    assert fitted_detector.layers[-1] == "@sqrt_softmax"
+    assert fitted_detector.params()["feature_maps"] == ["standardize"] * 3 + ["whiten", "standardize"]
+    assert head.whitened == [3]
+    with torch.no_grad():
         for batch in (1, 7, 16, 17, len(pred)):                        # both If branches
             got = torch.cat([head(None, pred[i:i + batch], [f[i:i + batch] for f in feats])[1]
                              for i in range(0, len(pred), batch)])
@@ -48,7 +54,7 @@ def test_rbf_region_sign_matches_sklearn_decision_function():
     x = rng.normal(size=(400, 8))
     probe = np.concatenate([rng.normal(size=(200, 8)), rng.normal(scale=3.0, size=(200, 8))])
     region = boundaries.fit_rbf(x, nu=0.1, gamma=1 / 8)
-    layer = RBFLayerRegions(np.zeros(8), np.ones(8), [region])
+    layer = RBFLayerRegions(FeatureMap(np.zeros(8), np.ones(8)), [region])
     with torch.no_grad():
         raw = layer(torch.tensor(probe, dtype=torch.float32))[:, 0].numpy()
     svm = OneClassSVM(kernel="rbf", nu=0.1, gamma=1 / 8, tol=1e-4).fit(x)
@@ -62,3 +68,35 @@ def test_rbf_region_sign_matches_sklearn_decision_function():
     with torch.no_grad():
         inside = layer(torch.tensor(x, dtype=torch.float32))[:, 0].numpy() <= 0
     assert 0.85 <= inside.mean() <= 0.95
+
+
+def test_whitening_map_is_the_tied_class_covariance():
+    """The streamed whitening map equals numpy's: (f - mean) @ P has identity tied
+    class-centred covariance (up to the shrinkage), and the RBF region on whitened features
+    gives the raw that sklearn's OneClassSVM gives on the same whitened points."""
+    from sklearn.svm import OneClassSVM
+
+    rng = np.random.default_rng(1)
+    mix = rng.normal(size=(6, 6))
+    cls = rng.integers(0, 3, 3000)
+    f = rng.normal(size=(3000, 6)) @ mix + 4.0 * cls[:, None] + 2.0
+    mom = LayerMoments(6, 3, whiten=True)
+    for i in range(0, 3000, 512):                      # streamed in batches, as in fit()
+        mom.add(f[i:i + 512], cls[i:i + 512])
+    fmap = mom.feature_map(shrinkage=1e-9)
+    centred = f - np.stack([f[cls == c].mean(0) for c in range(3)])[cls]
+    tied = centred.T @ centred / len(f)
+    np.testing.assert_allclose(fmap.transform.T @ tied @ fmap.transform, np.eye(6), atol=1e-5)
+    np.testing.assert_allclose(fmap.mean, f.mean(0), atol=1e-9)
+
+    z = fmap.apply(f[cls == 0][:400])
+    region = boundaries.fit_rbf(z, nu=0.1, gamma=1 / 6)
+    layer = RBFLayerRegions(fmap, [region])
+    probe = np.concatenate([f[cls == 0][400:600], f[cls == 1][:100]])
+    with torch.no_grad():
+        raw = layer(torch.tensor(probe, dtype=torch.float32))[:, 0].numpy()
+    svm = OneClassSVM(kernel="rbf", nu=0.1, gamma=1 / 6, tol=1e-4).fit(z)
+    # (sklearn's kernel sum underflows to 0 for the far class-1 points; ours is in log space)
+    expected = np.log(svm.offset_[0]) - np.log(svm.score_samples(fmap.apply(probe[:200])))
+    np.testing.assert_allclose(raw[:200], expected, rtol=1e-3, atol=1e-3)
+    assert (raw[:200] > 0).mean() < 0.3 and (raw[200:] > 0).all()  # class 1 lies outside class 0's region

@@ -86,9 +86,10 @@ async function main() {
     throw fail(`${modelPath}: graph inputs ${JSON.stringify(session.inputNames)} / outputs ${JSON.stringify(session.outputNames)} do not match its ufad metadata; re-export it.`);
   }
   const threshold = opts.threshold === null ? info.threshold : opts.threshold;
-  // `threshold` is an optional graph input whose default (an initializer) is the calibrated value;
-  // feeding it always keeps the reported threshold and the graph's verdict in step.
-  const thrTensor = new ort.Tensor('float32', Float32Array.of(threshold), []);
+  // `threshold` is an optional graph input whose default (an initializer) is the calibrated
+  // value. onnxruntime-node (1.30) accepts a feed for it but silently keeps the stored default,
+  // so the verdict is taken from the `score` output with the format's rule instead
+  // (fmt.records with applyThreshold), which is exact for any threshold.
   const fetch = [fmt.OUT.pred, fmt.OUT.score, fmt.OUT.isAnomaly, fmt.OUT.layerScores];
   const per = info.input.shape.slice(1).reduce((a, b) => a * b, 1);
 
@@ -105,10 +106,9 @@ async function main() {
       const chunk = batch.data.subarray(start * per, (start + b) * per);
       const feeds = {
         [info.input.name]: new ort.Tensor('float32', chunk, [b, ...batch.shape.slice(1)]),
-        threshold: thrTensor,
       };
       const out = await session.run(feeds, fetch);
-      for (const rec of fmt.records(out, info, threshold, chunk, start)) {
+      for (const rec of fmt.records(out, info, threshold, chunk, start, true)) {
         rec.source = file;
         rec.provider = 'CPUExecutionProvider';
         lines.push(JSON.stringify(rec));

@@ -261,8 +261,11 @@
    * @param {Object} out onnxruntime outputs (tensors with .data) for one batch
    * @param {Float32Array} input the batch that was scored (for nonfinite_input)
    * @param {number} offset index of the first row of this batch
+   * @param {boolean} applyThreshold take the verdict from `score` with `threshold` (the format's
+   *   rule) instead of the graph's `is_anomaly`; needed whenever `threshold` differs from the
+   *   file's calibrated one, since onnxruntime-node and -web do not apply a fed `threshold`.
    */
-  function records(out, info, threshold, input, offset = 0) {
+  function records(out, info, threshold, input, offset = 0, applyThreshold = false) {
     const pred = out[OUT.pred].data, score = out[OUT.score].data;
     const isAnom = out[OUT.isAnomaly].data, ls = out[OUT.layerScores].data;
     const n = score.length, L = info.layer_names.length;
@@ -281,7 +284,7 @@
         score: scoreValue(score[i]),
         // Non-finite inputs (and a NaN score) are anomalous whatever the threshold, as in the
         // Python runtime: a threshold of +inf must not let a NaN image through.
-        is_anomaly: Boolean(isAnom[i]) || nonfinite || Number.isNaN(score[i]),
+        is_anomaly: (applyThreshold ? isAnomaly(score[i], threshold) : Boolean(isAnom[i])) || nonfinite || Number.isNaN(score[i]),
         threshold: scoreValue(threshold),
         layer_scores: layerScores,
         nonfinite_input: nonfinite,

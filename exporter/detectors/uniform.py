@@ -1,15 +1,19 @@
 """The uniform detector of Zhao et al. (arXiv 2110.03092): per-class, per-layer bounded regions.
 
-Fit (ID data only): for each monitored layer, standardize the reduced activations with ID
-statistics; for each class c, take training samples of class c that the model classifies
+Fit (ID data only): for each monitored layer, map the reduced activations with ID statistics
+(``feature_maps``: standardize, or whiten with the tied class covariance on the penultimate
+layer); for each class c, take training samples of class c that the model classifies
 correctly (at most ``max_points`` of them, a seeded uniform subsample) and fit a region with
-``nu`` = 0.1: an RBF one-class SVM / SVDD (default) or a plain ball.
+``nu`` = 0.1: an RBF one-class SVM / SVDD (default) or a plain ball. By default the monitored
+layers are each top-level feature block, the penultimate layer and the classifier's output
+layer, as ``sqrt(softmax(logits))`` (``@sqrt_softmax``, see ``capture``).
 
 Score: c^ = argmax logits. At layer l, ``raw_l`` says how far the input lies outside the
-region of class c^ (> 0 outside, < 0 inside) and is divided by the spread of ``raw_l`` over
-that class's own ID points, so layers are comparable. ``score = max_l layer_score_l``.
-Adversarial inputs are caught because early layers still look like the true class while the
-prediction says c^; noise and OOD inputs fall outside every region.
+region of class c^ (> 0 outside, < 0 inside); ``layer_score_l`` is ``raw_l`` z-scored with
+the median and spread of ``raw_l`` over that class's own fitting points, so layers are
+comparable. ``score = max_l layer_score_l``. Adversarial inputs are caught because early
+layers still look like the true class while the prediction says c^, and because their output
+layer sits between classes; noise and OOD inputs fall outside every region.
 
 ``raw`` for the RBF region, with K(x, s) = exp(-gamma ||x - s||^2), weights a_i normalised
 to sum 1 and rho' = rho / sum(alpha):   raw = log rho' - log sum_i a_i K(x, s_i)
@@ -33,25 +37,31 @@ from torch import nn
 from ufad.runtime.errors import ExportError
 
 from .. import boundaries
+from ..capture import SOFTMAX
 from ..detector import Detector
+from ..feature_maps import MAX_WHITEN_DIM, Affine, FeatureMap, LayerMoments
 
 PAD_LOGIT = -1e30  # log-weight of padding support vectors: exp() of it is exactly 0
 # Up to this batch size the head gathers the predicted class's support vectors before the
 # matmul (measured crossover on 2 cores: ~16 for the reference CNN; see BENCHMARKS.md).
 SMALL_BATCH = 16
+# Floor of a (layer, class) spread of raw. raw is a log kernel-density ratio; a class whose
+# fitting points all sit in one spot of a layer (a very confident class at @sqrt_softmax)
+# can have a spread of 1e-3, and 1/spread would turn float32 rounding into score noise.
+SCALE_FLOOR = 0.01
 
 
 class RBFLayerRegions(nn.Module):
-    """All classes' RBF regions of one layer. ``forward(f [B,D], pred [B]) -> raw [B, C]``.
+    """All classes' RBF regions of one layer. ``forward(f [B,D]) -> raw [B, C]``.
 
-    The standardization and sqrt(gamma) are folded into one affine map u = f * w + b, and
+    The feature map and sqrt(gamma) are one affine map u = f . A + b (``Affine``), and
     ||u - s||^2 = ||u||^2 - 2 u.s + ||s||^2 turns the kernel sums of every class into one
     matmul: ``log sum_i a_i K = logsumexp(2 u.s_i + log a_i - ||s_i||^2) - ||u||^2``.
     """
 
-    def __init__(self, mean: np.ndarray, std: np.ndarray, regions: Sequence[boundaries.RBFRegion]):
+    def __init__(self, fmap: FeatureMap, regions: Sequence[boundaries.RBFRegion]):
         super().__init__()
-        c, d = len(regions), len(mean)
+        c, d = len(regions), len(fmap.mean)
         m = max(len(r.alpha) for r in regions)
         g = math.sqrt(regions[0].gamma)
         sv = np.zeros((c, m, d))
@@ -64,33 +74,36 @@ class RBFLayerRegions(nn.Module):
             log_rho[k] = math.log(r.rho / r.alpha.sum())
         bias = log_a - np.where(log_a > PAD_LOGIT, (sv ** 2).sum(-1), 0.0)
         self.num_classes, self.max_sv = c, m
-        self.register_buffer("w", torch.tensor(g / std, dtype=torch.float32))
-        self.register_buffer("b", torch.tensor(-mean * g / std, dtype=torch.float32))
+        self.fmap = fmap.scaled(g)                 # u = fmap(f) * sqrt(gamma)
+        self.affine = Affine(self.fmap)
         self.register_buffer("sv2", torch.tensor(2.0 * sv.reshape(c * m, d).T, dtype=torch.float32))
         self.register_buffer("bias", torch.tensor(bias.reshape(c * m), dtype=torch.float32))
         self.register_buffer("log_rho", torch.tensor(log_rho, dtype=torch.float32))
         # float64 copies for UniformHead's fused graph (folded before the float32 cast).
-        self._f64 = {"mean": np.asarray(mean, np.float64), "w": g / np.asarray(std, np.float64),
-                     "sv2": 2.0 * sv, "bias": bias, "log_rho": log_rho}
+        self._f64 = {"sv2": 2.0 * sv, "bias": bias, "log_rho": log_rho}
 
     def fused(self, m: int) -> tuple[np.ndarray, np.ndarray]:
         """The affine map and log rho folded in, padded to ``m`` support vectors per class:
         ``z_k = f @ W[k] + c[k]`` with ``W [C, D, m]``, ``c [C, m]``, so that
         ``logsumexp_i z_k[i] = log sum_i a_i K(x, s_i) - ||u||^2 - log rho'_k``."""
         p = self._f64
-        c, d = self.num_classes, len(p["mean"])
+        c, d = self.num_classes, len(self.fmap.mean)
         sv2 = np.zeros((c, m, d))
         sv2[:, :self.max_sv] = p["sv2"]
         real = np.zeros((c, m), bool)
         real[:, :self.max_sv] = p["bias"] > PAD_LOGIT
         bias = np.pad(p["bias"], ((0, 0), (0, m - self.max_sv)))
-        const = sv2 @ (-p["mean"] * p["w"]) + bias - p["log_rho"][:, None]   # b @ sv2 + bias - log rho'
+        const = sv2 @ self.fmap.bias() + bias - p["log_rho"][:, None]   # b . 2s + bias - log rho'
         const = np.where(real, const, PAD_LOGIT)
-        w = np.ascontiguousarray((sv2 * p["w"]).transpose(0, 2, 1))           # diag(w) @ sv2, [C, D, m]
-        return w, const
+        t = self.fmap.transform
+        if t.ndim == 2:
+            w = np.einsum("de,cme->cdm", t, sv2)                         # A @ 2s, [C, D, m]
+        else:
+            w = (sv2 * t).transpose(0, 2, 1)                             # diag(w) @ 2s, [C, D, m]
+        return np.ascontiguousarray(w), const
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
-        u = f * self.w + self.b
+        u = self.affine(f)
         z = torch.matmul(u, self.sv2) + self.bias
         lse = torch.logsumexp(z.reshape(-1, self.num_classes, self.max_sv), dim=2)
         return (u * u).sum(dim=1, keepdim=True) - lse + self.log_rho
@@ -99,59 +112,67 @@ class RBFLayerRegions(nn.Module):
 class BallLayerRegions(nn.Module):
     """All classes' balls of one layer. ``forward(f [B,D]) -> raw [B, C] = ||h - c|| - r``."""
 
-    def __init__(self, mean: np.ndarray, std: np.ndarray, regions: Sequence[boundaries.BallRegion]):
+    def __init__(self, fmap: FeatureMap, regions: Sequence[boundaries.BallRegion]):
         super().__init__()
-        centers = np.stack([r.center for r in regions])
-        self.register_buffer("w", torch.tensor(1.0 / std, dtype=torch.float32))
-        self.register_buffer("b", torch.tensor(-mean / std, dtype=torch.float32))
-        self.register_buffer("c2", torch.tensor(2.0 * centers.T, dtype=torch.float32))
-        self.register_buffer("cc", torch.tensor((centers ** 2).sum(1), dtype=torch.float32))
+        self.affine = Affine(fmap)
+        self.register_buffer("centers", torch.tensor(np.stack([r.center for r in regions]), dtype=torch.float32))
         self.register_buffer("radius", torch.tensor([r.radius for r in regions], dtype=torch.float32))
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
-        h = f * self.w + self.b
-        d2 = (h * h).sum(dim=1, keepdim=True) - torch.matmul(h, self.c2) + self.cc
-        return torch.sqrt(torch.clamp(d2, min=0.0)) - self.radius
+        # The differences themselves, not ||h||^2 - 2 h.c + ||c||^2: near a centre that
+        # expansion cancels and sqrt() turns the float32 rounding into visible noise.
+        diff = self.affine(f).unsqueeze(1) - self.centers                  # [B, C, D]
+        return torch.sqrt((diff * diff).sum(dim=2)) - self.radius
 
 
 class UniformHead(nn.Module):
     """``(logits, pred, feats) -> (score [B], layer_scores [B, L])``; higher = more anomalous.
 
-    layer_score_l = raw_l[c^] / scale_l[c^]; score = max over layers.
+    layer_score_l = (raw_l[c^] - centre_l[c^]) / scale_l[c^]; score = max over layers.
 
     With RBF regions the graph is fused across layers (few ops: at batch 1 onnxruntime's
-    per-node cost and the weight reads dominate, not the arithmetic): standardisation,
-    sqrt(gamma) and log rho are folded into one weight ``W_l [C, D_l, m]`` per layer, the
-    kernel logits of the predicted class come from ``_kernel_logits`` (an ``If`` on the
-    batch size in the graph), one ReduceLogSumExp covers all layers, and ||u||^2 of every
-    layer is one MatMul of the squared centred features. The per-layer region modules
-    (``raw``) stay the unfused reference; both give the same numbers up to float error.
+    per-node cost and the weight reads dominate, not the arithmetic): the feature map,
+    sqrt(gamma), log rho and the centre are folded into one weight ``W_l [C, D_l, m]`` and
+    one constant per layer, the kernel logits of the predicted class come from
+    ``_kernel_logits`` (an ``If`` on the batch size in the graph), one ReduceLogSumExp covers
+    all layers, and ||u||^2 of every layer is one MatMul of the squared centred features (a
+    whitened layer enters that concat as f @ A, one MatMul with its D x D map). The per-layer region
+    modules (``raw``) stay the unfused reference; both give the same numbers up to float error.
     """
 
-    def __init__(self, regions: Sequence[nn.Module], scales: np.ndarray):
+    def __init__(self, regions: Sequence[nn.Module], scales: np.ndarray, centres: np.ndarray):
         super().__init__()
         self.regions = nn.ModuleList(regions)
         # [L, C] -> stored as [C, L] so one gather picks the predicted class for every layer.
         self.register_buffer("inv_scale", torch.tensor(1.0 / scales.T, dtype=torch.float32))
+        self.register_buffer("centre", torch.tensor(centres.T, dtype=torch.float32))
         self.fused = bool(regions) and all(isinstance(r, RBFLayerRegions) for r in regions)
         if self.fused:
-            self._build_fused(regions)
+            self._build_fused(regions, centres)
 
-    def _build_fused(self, regions: Sequence["RBFLayerRegions"]) -> None:
+    def _build_fused(self, regions: Sequence["RBFLayerRegions"], centres: np.ndarray) -> None:
         m = max(r.max_sv for r in regions)
         self.num_classes, self.max_sv = regions[0].num_classes, m
-        dims = [len(r._f64["mean"]) for r in regions]
+        dims = [len(r.fmap.mean) for r in regions]
         w2 = np.zeros((sum(dims), len(regions)))
-        consts, start = [], 0
+        consts, start, self.whitened, centre_of = [], 0, [], []
         for li, (r, d) in enumerate(zip(regions, dims)):
-            w2[start:start + d, li] = r._f64["w"] ** 2   # ||u_l||^2 = sum_{d in l} w_d^2 (f_d - mean_d)^2
+            t = r.fmap.transform
+            if t.ndim == 2:   # its segment of the concat holds f A, "centred" by -b: u = f A + b
+                self.whitened.append(li)
+                self.register_buffer(f"wh_a{li}", torch.tensor(t, dtype=torch.float32))
+                centre_of.append(-r.fmap.bias())
+                w2[start:start + d, li] = 1.0
+            else:             # ||u_l||^2 = sum_{d in l} w_d^2 (f_d - mean_d)^2
+                centre_of.append(r.fmap.mean)
+                w2[start:start + d, li] = t ** 2
             w, c = r.fused(m)
             self.register_buffer(f"sv_w{li}", torch.tensor(w, dtype=torch.float32))   # [C, D_l, m]
-            consts.append(c)
+            # logsumexp(z + centre) = logsumexp(z) + centre: the centre costs no graph node.
+            consts.append(np.where(c > PAD_LOGIT, c + centres[li][:, None], PAD_LOGIT))
             start += d
         self.register_buffer("sv_c", torch.tensor(np.stack(consts, axis=1), dtype=torch.float32))  # [C, L, m]
-        self.register_buffer("feat_mean", torch.tensor(np.concatenate([r._f64["mean"] for r in regions]),
-                                                       dtype=torch.float32))
+        self.register_buffer("feat_mean", torch.tensor(np.concatenate(centre_of), dtype=torch.float32))
         self.register_buffer("norm_w", torch.tensor(w2, dtype=torch.float32))         # [D, L]
 
     def raw(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -178,8 +199,9 @@ class UniformHead(nn.Module):
         return torch.cond(pred.shape[0] <= SMALL_BATCH, gather_first, matmul_first, (pred, *feats))
 
     def _fused_raw(self, pred: torch.Tensor, feats: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Raw outside-ness of the predicted class at every layer: ``[B, L]``."""
-        g = torch.cat(list(feats), dim=1) - self.feat_mean
+        """Centred raw outside-ness of the predicted class at every layer: ``[B, L]``."""
+        g = torch.cat([torch.matmul(f, getattr(self, f"wh_a{li}")) if li in self.whitened else f
+                       for li, f in enumerate(feats)], dim=1) - self.feat_mean
         norms = torch.matmul(g * g, self.norm_w)                                       # [B, L]
         z = self._kernel_logits(pred, *feats) + torch.index_select(self.sv_c, 0, pred)  # [B, L, m]
         return norms - torch.logsumexp(z, dim=2)
@@ -190,7 +212,7 @@ class UniformHead(nn.Module):
             return layer_scores.amax(dim=1), layer_scores
         raw = self.raw(feats)                                        # [B, L, C]
         idx = pred.reshape(-1, 1, 1).expand(-1, raw.shape[1], 1)     # [B, L, 1]
-        layer_scores = raw.gather(2, idx).squeeze(2) * self.inv_scale[pred]  # [B, L]
+        layer_scores = (raw.gather(2, idx).squeeze(2) - self.centre[pred]) * self.inv_scale[pred]  # [B, L]
         return layer_scores.amax(dim=1), layer_scores
 
 
@@ -199,35 +221,62 @@ class UniformDetector(Detector):
 
     Args:
         model: trained classifier in eval mode, returning logits ``[B, classes]``.
-        layers: module names to monitor (default: each top-level feature block + penultimate).
+        layers: module names to monitor, ``"@sqrt_softmax"`` for sqrt(softmax(logits))
+            (default: each top-level feature block, the penultimate layer and ``@sqrt_softmax``).
         nu: fraction of ID fitting points allowed outside each region (paper: 0.1).
         boundary: ``"rbf"`` (one-class SVM / SVDD, default) or ``"ball"`` (tiny, linear).
-        gamma: RBF width on standardized features; ``"scale"`` = 1 / D.
+        gamma: RBF width on the mapped features; ``"scale"`` = 1 / D.
+        whiten: which layers are whitened with the tied class covariance instead of
+            standardized: ``"penultimate"`` (the last monitored module, default), ``"all"``
+            (every monitored module) or ``"none"``. ``@sqrt_softmax`` is always standardized
+            (its covariance is singular: the squares sum to 1).
+        shrinkage: added to the covariance's eigenvalues, as a fraction of their mean.
         max_points: cap of fitting points per class (keeps the graph small and fit fast).
         min_points: fewer correctly classified points than this for a class is an error.
     """
 
     method = "uniform"
-    boundary_threshold = 0.0  # the pure nu rule: outside any region of the predicted class
+    WHITEN = ("penultimate", "all", "none")
 
     def __init__(self, model: nn.Module, layers: Sequence[str] | None = None, *, nu: float = 0.1,
-                 boundary: str = "rbf", gamma: float | str = "scale", max_points: int = 1000,
-                 min_points: int = 20, **kwargs: Any):
+                 boundary: str = "rbf", gamma: float | str = "scale", whiten: str = "penultimate",
+                 shrinkage: float = 0.01, max_points: int = 1000, min_points: int = 20, **kwargs: Any):
         super().__init__(model, layers, **kwargs)
         if not 0.0 < nu < 1.0:
             raise ExportError(f"nu must be in (0, 1), got {nu}")
         if boundary not in ("rbf", "ball"):
             raise ExportError(f"boundary must be 'rbf' or 'ball', got {boundary!r}")
+        if whiten not in self.WHITEN:
+            raise ExportError(f"whiten must be one of {self.WHITEN}, got {whiten!r}")
+        if not shrinkage > 0.0:
+            raise ExportError(f"shrinkage must be > 0, got {shrinkage}")
         self.nu, self.boundary, self.gamma = float(nu), boundary, gamma
+        self.whiten, self.shrinkage = whiten, float(shrinkage)
         self.max_points, self.min_points = int(max_points), int(min_points)
+        self.boundary_threshold: float | None = None
         self._head: UniformHead | None = None
+
+    def _prepare(self, first: torch.Tensor) -> None:
+        default = self.layers is None
+        super()._prepare(first)
+        if default:
+            self.layers = [*self.layers, SOFTMAX]
+
+    def _whitened(self, dims: Sequence[int]) -> list[bool]:
+        modules = [i for i, l in enumerate(self.layers) if l != SOFTMAX]
+        chosen = set(modules[-1:] if self.whiten == "penultimate" else modules if self.whiten == "all" else [])
+        return [i in chosen and d <= MAX_WHITEN_DIM for i, d in enumerate(dims)]
 
     def params(self) -> dict[str, Any]:
         return {
             "nu": self.nu, "boundary": self.boundary,
             "gamma": [float(g) for g in self._gammas] if self.boundary == "rbf" else None,
+            "feature_maps": [m.kind for m in self._fmaps], "whiten": self.whiten,
+            "shrinkage": self.shrinkage,
             "max_points_per_class": self.max_points, "reduction": self.reduction,
-            "combine": "max", "layer_score": "raw / scale of the predicted class's region",
+            "combine": "max",
+            "layer_score": "(raw - median) / std of raw over the predicted class's own fitting points",
+            "uncalibrated_threshold": "(1 - nu) quantile of the fitting points' scores",
             "support_vectors": [int(r.max_sv) for r in self._head.regions] if self.boundary == "rbf" else None,
             "fit_points_per_class": self._counts, "seed": self.seed,
         }
@@ -245,21 +294,17 @@ class UniformDetector(Detector):
         rng = np.random.default_rng(self.seed)
         keys: dict[int, np.ndarray] = {}
         kept: dict[int, list[np.ndarray]] = {}
-        sums = sq = None
-        n_total = 0
+        moments: list[LayerMoments] | None = None
         for _x, y, logits, feats in stream:
             pred = logits.argmax(1).numpy()
             self.num_classes = logits.shape[1]
             ok = np.ones(len(pred), bool) if y is None else (pred == y.numpy())
             f_np = [f.numpy().astype(np.float64) for f in feats]
-            if sums is None:
-                sums = [np.zeros(f.shape[1]) for f in f_np]
-                sq = [np.zeros(f.shape[1]) for f in f_np]
+            if moments is None:
                 self.dims = [f.shape[1] for f in f_np]
-            for i, f in enumerate(f_np):
-                sums[i] += f[ok].sum(0)
-                sq[i] += (f[ok] ** 2).sum(0)
-            n_total += int(ok.sum())
+                moments = [LayerMoments(d, self.num_classes, w) for d, w in zip(self.dims, self._whitened(self.dims))]
+            for mom, f in zip(moments, f_np):
+                mom.add(f[ok], pred[ok])
             r = rng.random(len(pred))  # priority-sampling keys: keep the smallest per class
             for c in np.unique(pred[ok]):
                 sel = np.flatnonzero(ok & (pred == c))
@@ -279,46 +324,48 @@ class UniformDetector(Detector):
                 "that the labels match the model's outputs."
             )
         self._counts = [int(len(keys[c])) for c in range(self.num_classes)]
-        means = [s / n_total for s in sums]
-        stds = []
-        for s2, m in zip(sq, means):
-            std = np.sqrt(np.maximum(s2 / n_total - m ** 2, 0.0))
-            # Dead channels (constant on ID) would give infinite z-scores: floor the spread.
-            stds.append(np.maximum(std, max(1e-2 * float(np.median(std)), 1e-6)))
-        self._fit_regions(kept, means, stds)
+        self._fmaps = [m.feature_map(self.shrinkage) for m in moments]
+        self._fit_regions(kept)
 
-    def _fit_regions(self, kept, means, stds) -> None:
+    def _fit_regions(self, kept) -> None:
         from tqdm.auto import tqdm
 
         regions, self._gammas = [], []
         jobs = tqdm(total=len(self.layers) * self.num_classes, desc=f"fit {self.boundary} regions",
                     disable=not self.progress, leave=False)
-        for li in range(len(self.layers)):
-            z = [(kept[c][li] - means[li]) / stds[li] for c in range(self.num_classes)]
+        for li, fmap in enumerate(self._fmaps):
+            fits = []
+            gamma = boundaries.resolve_gamma(self.gamma, len(fmap.mean))
+            for c in range(self.num_classes):
+                z = fmap.apply(kept[c][li])
+                fits.append(boundaries.fit_rbf(z, self.nu, gamma) if self.boundary == "rbf"
+                            else boundaries.fit_ball(z, self.nu))
+                jobs.update()
             if self.boundary == "rbf":
-                gamma = boundaries.resolve_gamma(self.gamma, len(means[li]))
                 self._gammas.append(gamma)
-                fits = []
-                for zc in z:
-                    fits.append(boundaries.fit_rbf(zc, self.nu, gamma))
-                    jobs.update()
-                regions.append(RBFLayerRegions(means[li], stds[li], fits))
+                regions.append(RBFLayerRegions(fmap, fits))
             else:
-                fits = []
-                for zc in z:
-                    fits.append(boundaries.fit_ball(zc, self.nu))
-                    jobs.update()
-                regions.append(BallLayerRegions(means[li], stds[li], fits))
+                regions.append(BallLayerRegions(fmap, fits))
         jobs.close()
-        # Scale of each (layer, class): spread of raw over that class's own fitting points,
-        # computed with the very head that gets exported.
+        # Centre and scale of each (layer, class): median and spread of raw over that class's
+        # own fitting points, computed with the very modules that get exported.
         scales = np.ones((len(self.layers), self.num_classes))
+        centres = np.zeros((len(self.layers), self.num_classes))
         with torch.no_grad():
             for c in range(self.num_classes):
                 for li, reg in enumerate(regions):
-                    raw = reg(torch.tensor(kept[c][li], dtype=torch.float32))[:, c].numpy()
-                    scales[li, c] = max(float(np.std(raw)), 1e-6)
-        self._head = UniformHead(regions, scales)
+                    raw = reg(torch.tensor(kept[c][li], dtype=torch.float32))[:, c].numpy().astype(np.float64)
+                    centres[li, c] = float(np.median(raw))
+                    scales[li, c] = max(float(np.std(raw)), SCALE_FLOOR)
+        self._head = UniformHead(regions, scales, centres)
+        # Uncalibrated threshold: flag what lies beyond the (1 - nu) quantile of the fitting
+        # points' own scores (calibrate() on held-out ID data replaces it).
+        with torch.no_grad():
+            fit_scores = np.concatenate([
+                self._head(None, torch.full((len(kept[c][0]),), c, dtype=torch.int64),
+                           [torch.tensor(f, dtype=torch.float32) for f in kept[c]])[0].numpy()
+                for c in range(self.num_classes)])
+        self.boundary_threshold = float(np.quantile(fit_scores, 1.0 - self.nu))
 
     def head(self) -> nn.Module:
         self._require_fitted()
