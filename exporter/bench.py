@@ -1,7 +1,9 @@
 """``ufad bench``: what the detector costs on top of the bare model, measured in ONE run.
 
-Three ways to get logits + an anomaly score for the same model, timed interleaved on the
-same machine with the same thread counts (medians and p95 over many calls, after warm-up):
+Three ways to get logits + an anomaly score for the same model, timed on the same machine
+with the same thread counts (medians and p95 over many calls, after warm-up). (a) and (b)
+each run alone in fresh torch-free processes, alternating a, b, a, b, ... (one onnxruntime
+session per process, as deployed); (c) runs in the bench process:
 
 (a) ``bare``: the classifier alone, exported with the same ``torch.onnx.export`` settings
     as the detector and run in onnxruntime: the floor.
@@ -21,6 +23,7 @@ JSON-ready dict (schema ``ufad.bench/1``); ``bench_cli`` renders it.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import json
 import logging
@@ -372,7 +375,7 @@ def agreement(ufad_score: np.ndarray, host_score: np.ndarray, ufad_pred: np.ndar
 
 
 # ---------------------------------------------------------- torch-free runtime (subprocess)
-_NO_TORCH_SCRIPT = r"""
+_BLOCK_TORCH = r"""
 import sys, time, json
 class _NoTorch:
     def find_spec(self, name, path=None, target=None):
@@ -380,6 +383,8 @@ class _NoTorch:
             raise ImportError("torch is blocked in this benchmark", name=name)
         return None
 sys.meta_path.insert(0, _NoTorch())
+"""
+_NO_TORCH_SCRIPT = _BLOCK_TORCH + r"""
 t0 = time.perf_counter()
 import numpy as np
 t1 = time.perf_counter()
@@ -432,6 +437,71 @@ def runtime_without_torch(detector: Path, x256: np.ndarray, threads: int, runs: 
     out["import_plus_session_s"] = float(np.median([r["import_s"] + r["session_s"] for r in rows]))
     out["torch_blocked"] = all(r["torch_blocked"] and not r["torch_in_modules"] for r in rows)
     out["runs"] = len(rows)
+    return out
+
+
+def _timing_script() -> str:
+    """One variant, (a) or (b), timed alone in a fresh torch-free process. The session options
+    are this module's own function, sent as source so both sides agree."""
+    return _BLOCK_TORCH + r"""
+import numpy as np
+import onnxruntime as ort
+from ufad.runtime import AnomalySession
+""" + inspect.getsource(ort_session_options) + r"""
+cfg = json.load(open(sys.argv[1]))
+if sys.argv[2] == "bare":
+    sess = ort.InferenceSession(cfg["bare"], ort_session_options(cfg["threads"]), providers=["CPUExecutionProvider"])
+    call = lambda x: sess.run(None, {"input": x})
+else:
+    sess = AnomalySession(cfg["detector"], provider="cpu", threads=cfg["threads"])
+    call = lambda x: sess.run(x)
+xs = np.load(cfg["inputs"])
+out = {"times": {}, "torch_in_modules": "torch" in sys.modules}
+for b, reps, warm in cfg["plan"]:
+    x = np.ascontiguousarray(xs[str(b)])
+    for _ in range(warm):
+        call(x)
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        call(x)
+        ts.append(time.perf_counter() - t0)
+    out["times"][str(b)] = ts
+print(json.dumps(out))
+"""
+
+
+#: (a) and (b) alternate over this many pairs of processes; each takes 1/ROUNDS of the calls.
+ROUNDS = 3
+
+
+def time_bare_and_ufad(bare: Path, detector: Path, xs: dict[int, np.ndarray], cfg: "BenchConfig",
+                       tmp: Path) -> dict[str, dict[str, list[float]]]:
+    """Raw call times of (a) and (b) per batch size. Each variant runs ALONE in a fresh
+    torch-free process (one onnxruntime session per process, as deployed: two sessions in
+    one process each keep an intra-op pool whose idle workers spin for milliseconds and take
+    a core from the other); the processes alternate a, b, a, b, ... so that a noisy
+    neighbour still slows both alike."""
+    np.savez(tmp / "timing_inputs.npz", **{str(b): x for b, x in xs.items()})
+    env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads))
+    out: dict[str, dict[str, list[float]]] = {"bare": {str(b): [] for b in xs}, "ufad": {str(b): [] for b in xs}}
+    for r in range(ROUNDS):
+        spec = tmp / f"timing_{r}.json"
+        spec.write_text(json.dumps({
+            "bare": str(bare), "detector": str(detector), "threads": cfg.threads,
+            "inputs": str(tmp / "timing_inputs.npz"),
+            "plan": [[b, -(-cfg.repeats_for(b) // ROUNDS), cfg.warmup_for(b)] for b in xs],
+        }))
+        for variant in ("bare", "ufad"):
+            proc = subprocess.run([sys.executable, "-c", _timing_script(), str(spec), variant],
+                                  capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                raise ExportError(f"the timing subprocess failed: {proc.stderr.strip()[-800:]}")
+            res = json.loads(proc.stdout.strip().splitlines()[-1])
+            if res["torch_in_modules"]:
+                raise ExportError("torch was imported in the timing subprocess; (a) / (b) would not be torch-free")
+            for b, ts in res["times"].items():
+                out[variant][b].extend(ts)
     return out
 
 
@@ -559,19 +629,14 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> 
         latency: dict[str, dict[str, Any]] = {v: {} for v in VARIANTS}
         xs = {b: np.ascontiguousarray(x_all[np.arange(b) % len(x_all)]) for b in cfg.batches}
         for b, x in xs.items():
-            log(f"timing batch {b}: {cfg.repeats_for(b)} calls each after {cfg.warmup_for(b)} warm-up ...")
-            # (c) first and on its own: torch's OpenMP workers keep spinning after each of
-            # its calls and, interleaved, took cores from onnxruntime's threads (an earlier
-            # version of this bench measured b/a = 2.07 at batch 1 that way). (a) and (b)
-            # then run interleaved, so a noisy neighbour slows both alike.
+            log(f"timing (c) at batch {b}: {cfg.repeats_for(b)} calls after {cfg.warmup_for(b)} warm-up ...")
             t = time_interleaved({"host": lambda: host.score(x)}, cfg.repeats_for(b), cfg.warmup_for(b))
-            time.sleep(0.2)  # let the OpenMP workers go to sleep
-            t.update(time_interleaved({
-                "bare": lambda: sess_a.run(None, {"input": x}),
-                "ufad": lambda: sess_b.run(x),
-            }, cfg.repeats_for(b), cfg.warmup_for(b)))
-            for v in VARIANTS:
-                latency[v][str(b)] = _stats(t[v], b)
+            latency["host"][str(b)] = _stats(t["host"], b)
+        log(f"timing (a) and (b): {ROUNDS} alternating pairs of fresh torch-free processes ...")
+        ab = time_bare_and_ufad(bare_path, det_path, xs, cfg, tmp)
+        for v in ("bare", "ufad"):
+            for b in cfg.batches:
+                latency[v][str(b)] = _stats(ab[v][str(b)], b)
         host.remove()
         ratios = {str(b): {
             "b_over_a": latency["ufad"][str(b)]["median_ms"] / latency["bare"][str(b)]["median_ms"],

@@ -42,7 +42,7 @@ def tables(res: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
                      "host": f"c/b = {r['c_over_b']:.2f}"}[v]
             rows.append([VARIANT_LABELS[v], str(b), _fmt(st["median_ms"]), _fmt(st["p95_ms"]),
                          f"{st['throughput_per_s']:.0f}", ratio, str(st["n"])])
-    out.append(("Latency (CPU, same run, interleaved)",
+    out.append(("Latency (CPU, same run; (a) and (b) alternate in fresh torch-free processes)",
                 ["variant", "batch", "median ms", "p95 ms", "inputs/s", "ratio", "calls"], rows))
     fx, sz, rt, ag = res["fit_export"], res["size"], res["runtime_no_torch"], res["agreement"]
     rows = [

@@ -22,7 +22,7 @@ from torch import nn
 from ufad.runtime import format as fmt
 from ufad.runtime.errors import ExportError
 
-from .capture import ActivationCapture, default_layers, resolve_layers, run_model
+from .capture import SOFTMAX, ActivationCapture, default_layers, resolve_layers, run_model
 
 ArrayLike = np.ndarray | torch.Tensor
 Data = ArrayLike | Iterable
@@ -328,7 +328,8 @@ class Detector:
         self._require_fitted()
         dims = self.dims or []
         layers = [
-            {"name": l, "dim": int(d), "reduction": self.reduction, "output": fmt.activation_output_name(l)}
+            {"name": l, "dim": int(d), "reduction": "none" if l == SOFTMAX else self.reduction,
+             "output": fmt.activation_output_name(l)}
             for l, d in zip(self.layers, dims)
         ]
         cal = self.calibration.to_json() if self.calibration else {
@@ -352,7 +353,9 @@ class Detector:
                 fmt.OUT_SCORE: "float32 [B]: anomaly score, higher = more anomalous (+inf for NaN)",
                 fmt.OUT_IS_ANOMALY: "bool [B]: not (score <= threshold)",
                 fmt.OUT_LAYER_SCORES: {"shape": "float32 [B, L]", "columns": self.layer_score_names()},
-                "activations": {l["output"]: f"float32 [B, {l['dim']}]: {self.reduction}-reduced output of {l['name']}" for l in layers},
+                "activations": {l["output"]: f"float32 [B, {l['dim']}]: " + (
+                    "sqrt(softmax(logits))" if l["name"] == SOFTMAX else f"{self.reduction}-reduced output of {l['name']}")
+                    for l in layers},
             },
             fmt.KEY_THRESHOLD: self.threshold,
             fmt.KEY_CALIBRATION: cal,

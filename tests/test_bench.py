@@ -69,7 +69,7 @@ def test_markdown_and_cli_render(quick_result, tmp_path):
     for v in VARIANTS:
         assert v in json.dumps(quick_result["latency"])
     assert "| variant | batch |" in md and "b/a =" in md and "c/b =" in md
-    assert [t[0] for t in tables(quick_result)] == ["Latency (CPU, same run, interleaved)",
+    assert [t[0] for t in tables(quick_result)] == ["Latency (CPU, same run; (a) and (b) alternate in fresh torch-free processes)",
                                                   "Fit, size, runtime", "Bars"]
 
 
