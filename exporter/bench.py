@@ -442,12 +442,13 @@ def runtime_without_torch(detector: Path, x256: np.ndarray, threads: int, runs: 
 
 def _timing_script() -> str:
     """One variant, (a) or (b), timed alone in a fresh torch-free process. The session options
-    are this module's own function, sent as source so both sides agree."""
-    return _BLOCK_TORCH + r"""
+    and the timing loop are this module's own functions, sent as source so both sides agree."""
+    return "from __future__ import annotations\n" + _BLOCK_TORCH + r"""
+from typing import Any, Callable
 import numpy as np
 import onnxruntime as ort
 from ufad.runtime import AnomalySession
-""" + inspect.getsource(ort_session_options) + r"""
+""" + inspect.getsource(ort_session_options) + inspect.getsource(time_interleaved) + r"""
 cfg = json.load(open(sys.argv[1]))
 if sys.argv[2] == "bare":
     sess = ort.InferenceSession(cfg["bare"], ort_session_options(cfg["threads"]), providers=["CPUExecutionProvider"])
@@ -459,14 +460,7 @@ xs = np.load(cfg["inputs"])
 out = {"times": {}, "torch_in_modules": "torch" in sys.modules}
 for b, reps, warm in cfg["plan"]:
     x = np.ascontiguousarray(xs[str(b)])
-    for _ in range(warm):
-        call(x)
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        call(x)
-        ts.append(time.perf_counter() - t0)
-    out["times"][str(b)] = ts
+    out["times"][str(b)] = time_interleaved({"call": lambda: call(x)}, reps, warm)["call"]
 print(json.dumps(out))
 """
 
@@ -485,6 +479,7 @@ def time_bare_and_ufad(bare: Path, detector: Path, xs: dict[int, np.ndarray], cf
     np.savez(tmp / "timing_inputs.npz", **{str(b): x for b, x in xs.items()})
     env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads))
     out: dict[str, dict[str, list[float]]] = {"bare": {str(b): [] for b in xs}, "ufad": {str(b): [] for b in xs}}
+    script = _timing_script()
     for r in range(ROUNDS):
         spec = tmp / f"timing_{r}.json"
         spec.write_text(json.dumps({
@@ -493,7 +488,7 @@ def time_bare_and_ufad(bare: Path, detector: Path, xs: dict[int, np.ndarray], cf
             "plan": [[b, -(-cfg.repeats_for(b) // ROUNDS), cfg.warmup_for(b)] for b in xs],
         }))
         for variant in ("bare", "ufad"):
-            proc = subprocess.run([sys.executable, "-c", _timing_script(), str(spec), variant],
+            proc = subprocess.run([sys.executable, "-c", script, str(spec), variant],
                                   capture_output=True, text=True, env=env)
             if proc.returncode != 0:
                 raise ExportError(f"the timing subprocess failed: {proc.stderr.strip()[-800:]}")

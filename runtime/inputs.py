@@ -50,7 +50,7 @@ def check_batch(x: Any, spec: InputSpec, range_check: str = "error") -> tuple[np
     # at batch 1 each numpy call here is a measurable share of the whole detector's cost.
     if (type(x) is np.ndarray and x.dtype == np.float32 and x.ndim == len(spec.shape)
             and x.shape[1:] == spec.sample_shape and x.flags.c_contiguous):
-        return x, _check_range(x, x, spec, range_check)
+        return x, _check_range(x, spec, range_check)
     return _convert(x, spec, range_check)
 
 
@@ -89,14 +89,14 @@ def _convert(x: Any, spec: InputSpec, range_check: str) -> tuple[np.ndarray, boo
         arr = arr[None, None]
     if arr.ndim != len(spec.shape) or tuple(arr.shape[1:]) != sample:
         raise InputError(f"input has shape {tuple(arr.shape)}, expected {expected}")
-    finite = _check_range(src if kind == "f" else arr, arr, spec, range_check)
+    finite = _check_range(src if kind == "f" else arr, spec, range_check)
     return np.ascontiguousarray(arr), finite
 
 
-def _check_range(vals: np.ndarray, arr: np.ndarray, spec: InputSpec, range_check: str) -> bool | None:
+def _check_range(vals: np.ndarray, spec: InputSpec, range_check: str) -> bool | None:
     """Refuse values far outside the recorded range (``vals`` are the values before any
     float32 cast); return whether all of them are finite (None when not checked)."""
-    if range_check != "error" or not spec.value_range or not arr.size:
+    if range_check != "error" or not spec.value_range or not vals.size:
         return None
     lo, hi = spec.value_range
     width = max(hi - lo, 1e-6)

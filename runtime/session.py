@@ -24,7 +24,7 @@ import numpy as np
 
 from . import format as fmt
 from .errors import InputError, ModelFileError, ProviderError
-from .inputs import check_batch
+from .inputs import RANGE_CHECKS, check_batch
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 MAX_FILE_BYTES = 2 ** 31
@@ -160,8 +160,8 @@ class AnomalySession:
             )
         if provider.lower() == "auto" and PROVIDERS["cuda"] in providers and self.provider != PROVIDERS["cuda"]:
             warnings.warn(f"CUDA is installed but could not be used; running on {self.provider}", RuntimeWarning)
-        if range_check not in ("error", "off"):
-            raise InputError(f"range_check must be 'error' or 'off', got {range_check!r}")
+        if range_check not in RANGE_CHECKS:
+            raise InputError(f"range_check must be one of {RANGE_CHECKS}, got {range_check!r}")
         self.range_check = range_check
         self.threshold = self.info.threshold
         with np.errstate(over="ignore"):

@@ -131,10 +131,7 @@
     const canFeed = session.inputNames.includes('threshold');
     if (canFeed) feeds.threshold = new ort.Tensor('float32', Float32Array.of(threshold), []);
     const out = await session.run(feeds);
-    const rec = F.records(out, state.info, threshold, x)[0];
-    if (!canFeed && threshold !== state.info.threshold) {
-      rec.is_anomaly = rec.nonfinite_input || F.isAnomaly(out[F.OUT.score].data[0], threshold);
-    }
+    const rec = F.records(out, state.info, threshold, x, 0, !canFeed && threshold !== state.info.threshold)[0];
     const probs = softmax(Array.from(out[F.OUT.logits].data));
     lastInput = { x, source };
     showSeen(x);
