@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ufad.runtime.errors import ExportError, InputError
+from ufad.runtime.errors import ExportError, InputError, opt
+from ufad.runtime.files import check_output_path
 
 
 def load_data(data: str, split: str, limit: int | None) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
@@ -41,13 +42,26 @@ def load_data(data: str, split: str, limit: int | None) -> tuple[np.ndarray, np.
     return x, y, datasets.class_names(name)
 
 
+def calibration_split(y: np.ndarray, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded, stratified split of sample indices into (fit, calibrate): ``frac`` of every
+    class goes to calibration, so a label-sorted file is split as well as a shuffled one."""
+    rng = np.random.default_rng(seed)
+    fit, cal = [], []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        k = int(round(len(idx) * frac))
+        cal.append(idx[:k])
+        fit.append(idx[k:])
+    return np.sort(np.concatenate(fit)), np.sort(np.concatenate(cal))
+
+
 @click.command("export")
 @click.argument("model_spec", metavar="MODEL")
 @click.option("--data", required=True, help="ID data: built-in dataset (mnist, fashion_mnist) or an .npz with x, y.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="State dict (.safetensors, or .pt loaded with weights_only=True).")
-@click.option("--calib-data", default=None, help="Held-out ID data for the threshold (default: the dataset's valid split; for an .npz, its last 20%).")
+@click.option("--calib-data", default=None, help="Held-out ID data for the threshold (default: the dataset's valid split; for an .npz, a seeded stratified 20%).")
 @click.option("--method", default="uniform", show_default=True, help="Detector (uniform or a baseline).")
 @click.option("--layers", default=None, help="Comma-separated module names to monitor, @sqrt_softmax for the output layer (default: automatic).")
 @click.option("--reduction", default="max", show_default=True, type=click.Choice(["mean", "max", "flatten"]))
@@ -55,14 +69,22 @@ def load_data(data: str, split: str, limit: int | None) -> tuple[np.ndarray, np.
 @click.option("--boundary", default="rbf", show_default=True, type=click.Choice(["rbf", "ball"]))
 @click.option("--whiten", default="penultimate", show_default=True, type=click.Choice(["penultimate", "all", "none"]),
               help="Layers whitened with the tied class covariance (uniform).")
-@click.option("--max-points", default=1000, show_default=True, type=int, help="Fitting points per class.")
+@click.option("--max-points", default=1000, show_default=True, type=int, help="Fitting points per class (uniform).")
+@click.option("--min-points", default=20, show_default=True, type=int,
+              help="Fewest correctly classified fitting points a class may have (uniform).")
+@click.option("--logits", default=None, metavar="INDEX|KEY",
+              help="Which part of the model's output holds the logits, when it returns a tuple / dict / object.")
+@click.option("--range-policy", default="auto", show_default=True, type=click.Choice(["auto", "refuse", "flag"]),
+              help="Inputs far outside the data's value range: refuse them (images: a scaling mistake) or "
+                   "flag them anomalous (feature vectors). auto: refuse for [C, H, W] inputs, else flag.")
 @click.option("--tpr", default=0.95, show_default=True, type=float, help="Fraction of held-out ID data accepted.")
 @click.option("--limit", default=None, type=int, help="Use only the first N fitting samples.")
 @click.option("--simplify", is_flag=True, help="Run onnxsim, kept only if verified.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def export_command(model_spec, data, output, weights, calib_data, method, layers, reduction, nu,
-                   boundary, whiten, max_points, tpr, limit, simplify, seed, quiet):
+                   boundary, whiten, max_points, min_points, logits, range_policy, tpr, limit, simplify,
+                   seed, quiet):
     """Fit a detector for MODEL (package.module:factory; this RUNS that code) on ID data
     and write it as one self-contained .onnx file."""
     import torch
@@ -70,21 +92,26 @@ def export_command(model_spec, data, output, weights, calib_data, method, layers
     from .detectors import DETECTORS
     from .model_loading import load_factory, load_weights
 
+    from .detector import check_tpr
+
     if method not in DETECTORS:
         raise ExportError(f"unknown method {method!r}; available: {sorted(DETECTORS)}")
-    # Option errors must surface before data loading and fitting, not minutes later.
-    if not 0.0 < tpr <= 1.0:
-        raise ExportError(f"--tpr must be in (0, 1], got {tpr}")
+    # Everything that can be known up front fails before the model, the data or the fit.
+    check_tpr(tpr)
     if limit is not None and limit < 1:
-        raise ExportError(f"--limit must be >= 1, got {limit}")
+        raise ExportError(f"{opt('limit')} must be >= 1, got {limit}")
+    check_output_path(output, "-o/--output")
+    for path in (data, calib_data):
+        if path and Path(path).suffix == ".npz" and not Path(path).is_file():
+            raise InputError(f"{path}: no such file")
     t0 = time.time()
     model = load_factory(model_spec)
     if weights:
         load_weights(model, weights)
     model.eval()
-    kwargs = dict(seed=seed, progress=not quiet, reduction=reduction)
+    kwargs = dict(seed=seed, progress=not quiet, reduction=reduction, logits=logits, range_policy=range_policy)
     if method == "uniform":
-        kwargs.update(nu=nu, boundary=boundary, whiten=whiten, max_points=max_points)
+        kwargs.update(nu=nu, boundary=boundary, whiten=whiten, max_points=max_points, min_points=min_points)
     layer_list = [l.strip() for l in layers.split(",") if l.strip()] if layers else None
     # Built before the data loads so bad layers / nu / boundary fail fast; classes come later.
     det = DETECTORS[method](model, layer_list, **kwargs)
@@ -93,8 +120,8 @@ def export_command(model_spec, data, output, weights, calib_data, method, layers
     if calib_data:
         xc, _, _ = load_data(calib_data, "valid", None)
     elif Path(data).suffix == ".npz":
-        cut = int(len(x) * 0.8)
-        x, y, xc = x[:cut], y[:cut], x[cut:]
+        fit_idx, cal_idx = calibration_split(y, 0.2, seed)
+        x, y, xc = x[fit_idx], y[fit_idx], x[cal_idx]
     else:
         xc, _, _ = load_data(data, "valid", None)
     torch.manual_seed(seed)

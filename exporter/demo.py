@@ -90,7 +90,9 @@ def _rates(sess, model) -> str:
               show_default=True, help="Where the detector and inputs are written.")
 @click.option("--refit", is_flag=True, help="Refit and re-export even if the detector exists.")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-def demo_command(out: Path, refit: bool, provider: str) -> None:
+@click.option("--fit-samples", type=click.IntRange(1000, 50000), default=50000, show_default=True,
+              help="Fit on the first N MNIST training images (fewer: faster, a little less accurate).")
+def demo_command(out: Path, refit: bool, provider: str, fit_samples: int) -> None:
     """Export the reference MNIST detector and score digits, Fashion-MNIST, noise and
     adversarial inputs with it."""
     import torch
@@ -99,16 +101,19 @@ def demo_command(out: Path, refit: bool, provider: str) -> None:
 
     from ufad.models import datasets, mnist_cnn
     from ufad.runtime import AnomalySession
+    from ufad.runtime.files import check_output_path
 
     from .detectors import UniformDetector
 
     torch.manual_seed(0)
     console = Console()
     model = mnist_cnn.pretrained()
-    path = out / "mnist_cnn.onnx"
+    path = out / ("mnist_cnn.onnx" if fit_samples == 50000 else f"mnist_cnn_{fit_samples}.onnx")
     if refit or not path.exists():
+        check_output_path(path, "--out")
         t0 = time.time()
         x, y = datasets.load("mnist", "train")
+        x, y = x[:fit_samples], y[:fit_samples]
         xv, _ = datasets.load("mnist", "valid")
         console.print(f"Fitting the uniform detector on {len(x)} real MNIST training images ...")
         det = UniformDetector(model, class_names=datasets.class_names("mnist")).fit(x, y)

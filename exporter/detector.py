@@ -20,9 +20,13 @@ import torch
 from torch import nn
 
 from ufad.runtime import format as fmt
-from ufad.runtime.errors import ExportError
+from ufad.runtime.errors import ExportError, opt
+from ufad.runtime.inputs import range_limits
 
 from .capture import SOFTMAX, ActivationCapture, default_layers, resolve_layers, run_model
+from .outputs import LogitsKey, parse_key, pick_logits
+
+RANGE_POLICIES = ("auto", *fmt.RANGE_POLICIES)
 
 ArrayLike = np.ndarray | torch.Tensor
 Data = ArrayLike | Iterable
@@ -79,21 +83,33 @@ def iter_batches(
     return gen_loader(), total
 
 
+def check_tpr(tpr: float) -> None:
+    """The fraction of held-out ID data to accept must be in (0, 1]."""
+    if not 0.0 < tpr <= 1.0:
+        raise ExportError(f"{opt('tpr')} must be in (0, 1], got {tpr}")
+
+
 class DetectorModule(nn.Module):
     """Model + capture + head: the exact module exported to ONNX and the torch reference.
 
     forward(x, threshold) -> (logits, pred, score, is_anomaly, layer_scores, *activations)
+
+    ``flag_limits`` (range policy "flag"): samples with a value below / above them score +inf
+    and are anomalous, so every client of the file applies the rule.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[str], reduction: str, head: nn.Module):
+    def __init__(self, model: nn.Module, layers: Sequence[str], reduction: str, head: nn.Module,
+                 logits: LogitsKey = None, flag_limits: tuple[float, float] | None = None):
         super().__init__()
         self.model = model
         self.head = head
+        self.logits_key = logits
+        self.flag_limits = flag_limits
         self.capture = ActivationCapture(model, layers, reduction)
 
     def forward(self, x: torch.Tensor, threshold: torch.Tensor):
         self.capture.clear()
-        logits = self.model(x)
+        logits = pick_logits(self.model(x), self.logits_key)
         feats = self.capture.collect(logits) if self.capture.layers else []
         pred = logits.argmax(dim=1)
         score, layer_scores = self.head(logits, pred, feats)
@@ -106,6 +122,11 @@ class DetectorModule(nn.Module):
         probe = (x * 0.0).sum(dim=tuple(range(1, x.dim()))) + score
         score = score.masked_fill(torch.isnan(probe), float("inf"))
         is_anomaly = torch.logical_not(probe <= threshold)
+        if self.flag_limits is not None:
+            flat = x.flatten(1)
+            oor = ((flat < self.flag_limits[0]) | (flat > self.flag_limits[1])).any(dim=1)
+            score = score.masked_fill(oor, float("inf"))
+            is_anomaly = is_anomaly | oor
         return (logits, pred, score, is_anomaly, layer_scores, *feats)
 
 
@@ -146,10 +167,16 @@ class Detector:
         batch_size: int = 256,
         seed: int = 0,
         progress: bool = True,
+        logits: LogitsKey | str = None,
+        range_policy: str = "auto",
     ):
         if not isinstance(model, nn.Module):
             raise ExportError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if range_policy not in RANGE_POLICIES:
+            raise ExportError(f"{opt('range_policy')} must be one of {RANGE_POLICIES}, got {range_policy!r}")
         self.model = model
+        self.logits = parse_key(logits)
+        self.range_policy = range_policy
         self.layers = None if layers is None else list(layers)
         if self.layers is not None:
             resolve_layers(model, self.layers)
@@ -157,7 +184,7 @@ class Detector:
         self.class_names = None if class_names is None else [str(c) for c in class_names]
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
-            raise ExportError(f"batch_size must be >= 1, got {batch_size}")
+            raise ExportError(f"{opt('batch_size')} must be >= 1, got {batch_size}")
         self.seed = int(seed)
         self.progress = progress
         self.calibration: Calibration | None = None
@@ -205,12 +232,14 @@ class Detector:
                     )
                 with torch.no_grad():
                     capture.clear()
-                    logits = run_model(self.model, x)
+                    logits = pick_logits(run_model(self.model, x), self.logits)
+                    if logits.dim() != 2 or not logits.is_floating_point():
+                        raise ExportError(
+                            f"the model's logits have shape {tuple(logits.shape)} ({logits.dtype}); "
+                            f"expected floating logits [B, classes]. If the model returns several "
+                            f"tensors, say which holds the logits with {opt('logits')}."
+                        )
                     feats = capture.collect(logits) if self.layers else []
-                if logits.dim() != 2:
-                    raise ExportError(
-                        f"the model returned shape {tuple(logits.shape)}; expected logits [B, classes]."
-                    )
                 lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))
                 yield x, y, logits, feats
         finally:
@@ -234,6 +263,9 @@ class Detector:
             self._check_labels(lab)
         self._fit(self._stream(data, labels, f"fit {self.method}"))
         self.input_range = getattr(self, "_seen_range", None)
+        if self.range_policy == "auto":
+            # Images: far-out values are a scaling mistake to refuse; feature vectors: an anomaly.
+            self.range_policy = "refuse" if len(self.input_shape) == 3 else "flag"
         if self.class_names is None:
             self.class_names = [str(i) for i in range(self.num_classes)]
         elif len(self.class_names) != self.num_classes:
@@ -270,7 +302,18 @@ class Detector:
     def module(self) -> DetectorModule:
         """The export module (model + capture hooks + head). Call ``.capture.remove()`` when done."""
         self._require_fitted()
-        return DetectorModule(self.model, self.layers, self.reduction, self.head()).eval()
+        return DetectorModule(self.model, self.layers, self.reduction, self.head(), self.logits,
+                              self._flag_limits()).eval()
+
+    def input_spec(self) -> fmt.InputSpec:
+        """The input spec recorded in the file (shape, dtype, value range, range policy)."""
+        self._require_fitted()
+        return fmt.InputSpec(name="input", shape=(None, *self.input_shape), dtype="float32",
+                             value_range=self.input_range, range_policy=self.range_policy)
+
+    def _flag_limits(self) -> tuple[float, float] | None:
+        limits = range_limits(self.input_spec())
+        return limits if self.range_policy == "flag" else None
 
     def score(self, x: ArrayLike, threshold: float | None = None) -> dict[str, np.ndarray]:
         """Torch reference scoring of ``x``: dict with logits, pred, score, is_anomaly,
@@ -308,8 +351,7 @@ class Detector:
         Use ID data the detector was not fitted on (e.g. a validation split).
         """
         self._require_fitted()
-        if not 0.0 < tpr <= 1.0:
-            raise ExportError(f"tpr must be in (0, 1], got {tpr}")
+        check_tpr(tpr)
         scores = self.score(data, threshold=math.inf)[fmt.OUT_SCORE].astype(np.float64)
         finite = scores[np.isfinite(scores)]
         if len(finite) < 20:
@@ -345,7 +387,7 @@ class Detector:
             fmt.KEY_CLASSES: self.class_names,
             fmt.KEY_INPUT: {
                 "name": "input", "shape": [None, *self.input_shape], "dtype": "float32",
-                "range": None if lo is None else [lo, hi],
+                "range": None if lo is None else [lo, hi], "range_policy": self.range_policy,
             },
             fmt.KEY_OUTPUTS: {
                 fmt.OUT_LOGITS: "float32 [B, classes]: the classifier's logits",

@@ -9,6 +9,7 @@ atomic write.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -23,7 +24,9 @@ import numpy as np
 import torch
 
 from ufad.runtime import format as fmt
-from ufad.runtime.errors import ExportError
+from ufad.runtime import integrity
+from ufad.runtime.files import write_atomically
+from ufad.runtime.errors import ExportError, opt
 
 PARITY_RTOL = 1e-4
 TWO_GB = 2 ** 31
@@ -249,23 +252,25 @@ def _verify(model_bytes: bytes, det, check_x: np.ndarray, reference: dict[str, n
 
 
 def _finalize(model, det, meta: dict[str, Any]) -> bytes:
+    """The file's bytes: default threshold, format marker, metadata, both digests (the
+    runtime's ``integrity`` module writes them, so writer and reader cannot drift)."""
     import onnx
 
     _set_threshold_default(model, det.threshold)
     model.doc_string = "ufad anomaly detector: " + fmt.SCORE_CONVENTION
-    _set_metadata(model, {})
     _strip_debug_metadata(model.graph)
-    graph_hash = fmt.graph_sha256(model.SerializeToString())
+    model.graph.doc_string = f"{integrity.GRAPH_MARKER}{fmt.FORMAT_VERSION}"
     meta = dict(meta)
-    meta[fmt.KEY_GRAPH_SHA256] = graph_hash
+    meta[fmt.KEY_GRAPH_SHA256] = hashlib.sha256(model.graph.SerializeToString()).hexdigest()
     _set_metadata(model, meta)
-    data = model.SerializeToString()
-    if fmt.graph_sha256(data) != graph_hash:  # metadata must not move graph bytes
+    data = integrity.seal(model.SerializeToString())
+    parts = integrity.read_parts(data)
+    if parts.graph_sha256 != meta[fmt.KEY_GRAPH_SHA256]:  # the graph must serialize the same inside the model
         raise ExportError("internal: graph hash changed after adding metadata")
     if len(data) >= TWO_GB:
-        raise ExportError("the detector is over 2 GB; lower max_points or monitor fewer layers.")
+        raise ExportError(f"the detector is over 2 GB; lower {opt('max_points')} or monitor fewer layers.")
     try:
-        onnx.checker.check_model(model, full_check=True)
+        onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
     except Exception as e:
         raise ExportError(f"onnx.checker rejected the exported graph: {e}") from e
     return data
@@ -317,10 +322,7 @@ def export_detector(det, path: Path, *, example=None, simplify: bool = False,
             notes.append("onnxsim is not installed (pip install 'ufad[simplify]'); not simplified")
         except ExportError as e:
             notes.append(f"simplified graph failed verification ({e}); kept the unsimplified graph")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_atomically(path, data)
     return ExportReport(path=path, size_bytes=len(data), parity_max_rel_diff=worst,
                         parity_samples=len(check_x), simplified=simplified,
                         seconds=time.time() - t0, notes=notes)

@@ -1,4 +1,5 @@
-"""Read inputs from files: ``.npy``, ``.npz`` (array ``x``, or its only array) and images.
+"""Files: read inputs (``.npy``, ``.npz`` with array ``x`` or one array, images) and write
+outputs (checked up front, written atomically).
 
 Images (png, jpg, bmp, pgm, ...; needs Pillow) are converted to the model's channel count,
 resized to its height x width (bilinear) and scaled to its recorded value range.
@@ -7,6 +8,7 @@ Pickled objects are never loaded (``allow_pickle=False``).
 
 from __future__ import annotations
 
+import os
 import zipfile
 import zlib
 from pathlib import Path
@@ -14,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import DependencyError, InputError
+from .errors import DependencyError, InputError, OutputError
 from .format import InputSpec
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".ppm", ".tif", ".tiff", ".webp"}
@@ -112,3 +114,34 @@ def load_inputs(paths: Sequence[str | Path], spec: InputSpec) -> tuple[list[np.n
             raise InputError(f"{p}: unsupported file type {p.suffix!r}; use .npy, .npz or an image")
         sources.append(str(p))
     return arrays, sources
+
+
+def check_output_path(path: str | Path, what: str = "output") -> None:
+    """Fail now, not after a long job, when ``path`` cannot be written: it is a directory,
+    its folder cannot be made, or nothing can be created there."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{what} {path} is a directory; give a file name such as {path / 'detector.onnx'}.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.with_name(f".{path.name}.probe{os.getpid()}")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise OutputError(f"cannot write {what} {path}: {e.strerror or e}; choose a writable location.") from None
+
+
+def write_atomically(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file, so no reader sees half a file."""
+    path = Path(path)
+    check_output_path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise OutputError(f"cannot write {path}: {e.strerror or e}; choose a writable location.") from None

@@ -1,21 +1,22 @@
 """The ufad file format contract: metadata keys, output names and their parsing.
 
 FORMAT.md is the prose version of this module; keep both in step. Every metadata value is
-a string (JSON where structured) so any onnxruntime binding can read it.
+a string (JSON where structured) so any onnxruntime binding can read it. What the digests
+cover and how they are checked is ``integrity.py``'s job.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ModelFileError
-from .protowire import GRAPH_FIELD, top_level_field
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: versions this runtime reads (1: the graph is hashed, the metadata is not)
+READABLE_VERSIONS = (1, 2)
 SCORE_CONVENTION = "higher score = more anomalous; is_anomaly = not (score <= threshold)"
 
 # Graph input / output names (stable contract).
@@ -38,6 +39,8 @@ KEY_OUTPUTS = "ufad.outputs"
 KEY_THRESHOLD = "ufad.threshold"
 KEY_CALIBRATION = "ufad.calibration"
 KEY_GRAPH_SHA256 = "ufad.graph_sha256"
+KEY_CONTENT_SHA256 = "ufad.content_sha256"
+KEY_SIGNATURE = "ufad.signature"
 KEY_PRODUCER = "ufad.producer"
 KEY_CONVENTION = "ufad.score_convention"
 
@@ -45,27 +48,17 @@ REQUIRED_KEYS = (
     KEY_FORMAT_VERSION, KEY_METHOD, KEY_PARAMS, KEY_LAYERS, KEY_CLASSES, KEY_INPUT,
     KEY_OUTPUTS, KEY_THRESHOLD, KEY_CALIBRATION, KEY_GRAPH_SHA256,
 )
+REQUIRED_KEYS_V2 = REQUIRED_KEYS + (KEY_CONTENT_SHA256,)
+
+#: what happens to inputs far outside the fitting data's value range (``ufad.input.range_policy``):
+#: "refuse" (images: almost always a scaling mistake, refused with a hint) or "flag" (feature
+#: vectors: scored, and flagged anomalous by the graph itself; never refused, never accepted)
+RANGE_POLICIES = ("refuse", "flag")
 
 
 def activation_output_name(layer: str) -> str:
     """Graph output name of a monitored layer's reduced activation vector."""
     return ACTIVATION_PREFIX + re.sub(r"[^0-9A-Za-z_]", "_", layer)
-
-
-def graph_sha256(model_bytes: bytes, path: str | None = None) -> str:
-    """sha256 of the serialized GraphProto inside a serialized ModelProto.
-
-    It covers every node and constant (model weights and fitted statistics alike) and
-    leaves metadata_props out, so it can be stored in the metadata it does not cover.
-    """
-    try:
-        return hashlib.sha256(top_level_field(model_bytes, GRAPH_FIELD)).hexdigest()
-    except ValueError as e:
-        where = f"{path}: " if path else ""
-        raise ModelFileError(
-            f"{where}the file is not a well-formed ONNX model ({e}); it may be truncated or corrupt. "
-            "Re-export it or copy it again."
-        ) from None
 
 
 @dataclass(frozen=True)
@@ -86,6 +79,7 @@ class InputSpec:
     shape: tuple[int | None, ...]
     dtype: str
     value_range: tuple[float, float] | None
+    range_policy: str = "refuse"
 
     @property
     def sample_shape(self) -> tuple[int | None, ...]:
@@ -108,6 +102,8 @@ class FormatInfo:
     calibration: dict[str, Any]
     graph_sha256: str
     producer: dict[str, Any] = field(default_factory=dict)
+    content_sha256: str = ""   # format >= 2
+    signed: bool = False       # a ufad.signature entry is present (checked only against a key)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict of everything parsed."""
@@ -121,11 +117,14 @@ class FormatInfo:
                 "name": self.input.name, "shape": list(self.input.shape),
                 "dtype": self.input.dtype,
                 "range": list(self.input.value_range) if self.input.value_range else None,
+                "range_policy": self.input.range_policy,
             },
             "outputs": self.outputs,
             "threshold": self.threshold,
             "calibration": self.calibration,
             "graph_sha256": self.graph_sha256,
+            "content_sha256": self.content_sha256,
+            "signed": self.signed,
             "producer": self.producer,
         }
 
@@ -140,17 +139,13 @@ def _json(meta: dict[str, str], key: str, path: str) -> Any:
         ) from None
 
 
-def parse_metadata(meta: dict[str, str], path: str = "<model>") -> FormatInfo:
-    """Validate and parse ufad metadata_props; raise ModelFileError saying what is wrong."""
+def parse_header(meta: dict[str, str], path: str = "<model>") -> int:
+    """Check that ``meta`` is ufad metadata of a version this runtime reads, with every
+    required key; return the format version."""
     if KEY_FORMAT_VERSION not in meta:
         raise ModelFileError(
             f"{path} is an ONNX model but not a ufad detector (no {KEY_FORMAT_VERSION!r} "
             "metadata). Export one with `ufad export MODEL --data DATASET -o OUT.onnx`."
-        )
-    missing = [k for k in REQUIRED_KEYS if k not in meta]
-    if missing:
-        raise ModelFileError(
-            f"{path}: ufad metadata is incomplete, missing {missing}. Re-export the detector."
         )
     try:
         version = int(meta[KEY_FORMAT_VERSION])
@@ -163,8 +158,19 @@ def parse_metadata(meta: dict[str, str], path: str = "<model>") -> FormatInfo:
             f"{path} uses ufad format version {version}, newer than this runtime understands "
             f"(<= {FORMAT_VERSION}). Upgrade ufad (`pip install -U ufad`)."
         )
-    if version < 1:
+    if version not in READABLE_VERSIONS:
         raise ModelFileError(f"{path}: invalid ufad format version {version}.")
+    missing = [k for k in (REQUIRED_KEYS_V2 if version >= 2 else REQUIRED_KEYS) if k not in meta]
+    if missing:
+        raise ModelFileError(
+            f"{path}: ufad metadata is incomplete, missing {missing}. Re-export the detector."
+        )
+    return version
+
+
+def parse_metadata(meta: dict[str, str], path: str = "<model>") -> FormatInfo:
+    """Validate and parse ufad metadata_props; raise ModelFileError saying what is wrong."""
+    version = parse_header(meta, path)
     try:
         layers = tuple(
             LayerInfo(str(l["name"]), int(l["dim"]), str(l["reduction"]), str(l["output"]))
@@ -174,11 +180,15 @@ def parse_metadata(meta: dict[str, str], path: str = "<model>") -> FormatInfo:
         if not isinstance(inp, dict):
             raise TypeError(f"{KEY_INPUT} must be a JSON object, got {type(inp).__name__}")
         rng = inp.get("range")
+        policy = str(inp.get("range_policy", "refuse"))
+        if policy not in RANGE_POLICIES:
+            raise ValueError(f"range_policy {policy!r} is not one of {RANGE_POLICIES}")
         spec = InputSpec(
             name=str(inp["name"]),
             shape=tuple(None if d is None else int(d) for d in inp["shape"]),
             dtype=str(inp["dtype"]),
             value_range=(float(rng[0]), float(rng[1])) if rng else None,
+            range_policy=policy,
         )
         threshold = float(meta[KEY_THRESHOLD])
         if threshold != threshold:  # NaN would make every verdict "anomalous" silently
@@ -187,6 +197,10 @@ def parse_metadata(meta: dict[str, str], path: str = "<model>") -> FormatInfo:
         outputs = dict(_json(meta, KEY_OUTPUTS, path))
         params = dict(_json(meta, KEY_PARAMS, path))
         calibration = dict(_json(meta, KEY_CALIBRATION, path))
+        if "threshold" in calibration and calibration["threshold"] is not None and \
+                float(calibration["threshold"]) != threshold:
+            raise ValueError(f"{KEY_CALIBRATION}.threshold {calibration['threshold']} differs from "
+                             f"{KEY_THRESHOLD} {threshold}")
     except (KeyError, TypeError, ValueError, IndexError) as e:
         if isinstance(e, ModelFileError):
             raise
@@ -198,4 +212,5 @@ def parse_metadata(meta: dict[str, str], path: str = "<model>") -> FormatInfo:
         format_version=version, method=meta[KEY_METHOD], params=params, layers=layers,
         classes=classes, input=spec, outputs=outputs, threshold=threshold,
         calibration=calibration, graph_sha256=meta[KEY_GRAPH_SHA256], producer=producer,
+        content_sha256=meta.get(KEY_CONTENT_SHA256, ""), signed=KEY_SIGNATURE in meta,
     )

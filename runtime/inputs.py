@@ -7,11 +7,12 @@ Rules (documented in README "Errors and limits"):
 - shape: ``[B, *sample]`` as recorded; a single sample ``sample`` gets a batch axis; for
   one-channel models ``[B, H, W]`` gets the channel axis. Anything else is refused.
 - values: NaN/Inf are allowed and always reported anomalous (score = +inf, is_anomaly true
-  whatever the threshold); values far
-  outside the recorded input range (more than one range-width beyond it) are refused,
-  since they almost always mean a scaling mistake (e.g. 0..255 instead of 0..1). The check
-  reads the values before the float32 cast, so a float64 1e300 is refused, not turned into inf
-  (with ``range_check="off"`` it becomes inf and is scored as a non-finite input).
+  whatever the threshold). Values far outside the recorded input range (more than one
+  range-width beyond it) follow the file's range policy: ``refuse`` (images) refuses them,
+  since they almost always mean a scaling mistake (e.g. 0..255 instead of 0..1); ``flag``
+  (feature vectors) scores them, and the graph flags them anomalous (``out_of_range``). The
+  check reads the values before the float32 cast, so a float64 1e300 is refused, not turned
+  into inf (with ``range_check="off"`` it becomes inf and is scored as a non-finite input).
 - memory layout: non-contiguous arrays are copied to C order.
 """
 
@@ -23,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, opt
 from .format import InputSpec
 
 RANGE_CHECKS = ("error", "off")
@@ -36,13 +37,28 @@ def _describe(spec: InputSpec) -> str:
     return f"float32 [{dims}]{rng}"
 
 
-def as_batch(x: Any, spec: InputSpec, range_check: str = "error") -> np.ndarray:
-    """Return ``x`` as a C-contiguous float32 batch matching ``spec`` or raise InputError."""
-    return check_batch(x, spec, range_check)[0]
+def range_limits(spec: InputSpec) -> tuple[float, float] | None:
+    """The values beyond which an input counts as far outside the recorded range:
+    one range-width below its minimum and above its maximum (None: no range recorded)."""
+    if not spec.value_range:
+        return None
+    lo, hi = spec.value_range
+    width = max(hi - lo, 1e-6)
+    return lo - width, hi + width
+
+
+def out_of_range(x: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """Per sample: does any finite value lie far outside the recorded range? (bool [B])"""
+    limits = range_limits(spec)
+    if limits is None or not x.size:
+        return np.zeros(len(x), bool)
+    flat = x.reshape(len(x), -1)
+    return ((flat < limits[0]) | (flat > limits[1])).any(axis=1)
 
 
 def check_batch(x: Any, spec: InputSpec, range_check: str = "error") -> tuple[np.ndarray, bool | None]:
-    """``as_batch`` plus what the range check learnt for free: True when every value is
+    """``x`` as a C-contiguous float32 batch matching ``spec`` (or an InputError), plus what
+    the range check learnt for free: True when every value is
     finite, False when some is NaN/Inf, None when not looked at (``range_check="off"``)."""
     if range_check not in RANGE_CHECKS:
         raise InputError(f"range_check must be one of {RANGE_CHECKS}, got {range_check!r}")
@@ -94,12 +110,12 @@ def _convert(x: Any, spec: InputSpec, range_check: str) -> tuple[np.ndarray, boo
 
 
 def _check_range(vals: np.ndarray, spec: InputSpec, range_check: str) -> bool | None:
-    """Refuse values far outside the recorded range (``vals`` are the values before any
-    float32 cast); return whether all of them are finite (None when not checked)."""
+    """Refuse values far outside the recorded range when the file's policy is ``refuse``
+    (``vals`` are the values before any float32 cast); return whether all of them are
+    finite (None when not checked)."""
     if range_check != "error" or not spec.value_range or not vals.size:
         return None
     lo, hi = spec.value_range
-    width = max(hi - lo, 1e-6)
     # min/max propagate NaN and show +-Inf: two reductions settle the all-finite case
     amin, amax = float(vals.min()), float(vals.max())
     finite = math.isfinite(amin) and math.isfinite(amax)
@@ -107,11 +123,12 @@ def _check_range(vals: np.ndarray, spec: InputSpec, range_check: str) -> bool | 
         vals = vals[np.isfinite(vals)]
         amin = float(vals.min()) if vals.size else lo
         amax = float(vals.max()) if vals.size else hi
-    if amin < lo - width or amax > hi + width:
+    low, high = range_limits(spec)
+    if spec.range_policy == "refuse" and (amin < low or amax > high):
         hint = " (looks like 0..255 pixels: divide by 255)" if 2 < amax <= 256 and hi <= 1.0 + 1e-6 else ""
         raise InputError(
             f"input values span [{amin:g}, {amax:g}], far outside the model's range "
-            f"[{lo:g}, {hi:g}]{hint}. Rescale the input, or pass range_check='off' to score "
-            "it anyway."
+            f"[{lo:g}, {hi:g}]{hint}. Rescale the input, or pass {opt('range_check', 'off')} to "
+            "score it anyway."
         )
     return finite

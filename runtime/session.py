@@ -23,8 +23,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import format as fmt
-from .errors import InputError, ModelFileError, ProviderError
-from .inputs import RANGE_CHECKS, check_batch
+from . import integrity, signing
+from .errors import InputError, ModelFileError, ProviderError, opt
+from .inputs import RANGE_CHECKS, check_batch, out_of_range
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 MAX_FILE_BYTES = 2 ** 31
@@ -45,6 +46,11 @@ class ScoreResult:
     provider: str
     nonfinite: np.ndarray     # bool [B]: the input held NaN/Inf (always anomalous)
     activations: dict[str, np.ndarray] = field(default_factory=dict)
+    out_of_range: np.ndarray | None = None  # bool [B]: far outside the range (policy "flag": anomalous)
+
+    def __post_init__(self) -> None:
+        if self.out_of_range is None:
+            self.out_of_range = np.zeros(len(self.score), bool)
 
     def __len__(self) -> int:
         return len(self.score)
@@ -71,6 +77,7 @@ class ScoreResult:
                 "threshold": _json_float(self.threshold),
                 "layer_scores": {n: _json_float(v) for n, v in zip(self.layer_names, self.layer_scores[i])},
                 "nonfinite_input": bool(self.nonfinite[i]),
+                "out_of_range_input": bool(self.out_of_range[i]),
             })
         return out
 
@@ -103,9 +110,37 @@ def resolve_providers(provider: str) -> list[str]:
                 if provider == "cuda" else "")
         raise ProviderError(
             f"{want} is not available in this onnxruntime (available: {available}).{hint} "
-            "Use provider='cpu' or 'auto' to run on what is available."
+            f"Use {opt('provider', 'cpu')} or {opt('provider', 'auto')} to run on what is available."
         )
     return [want, PROVIDERS["cpu"]] if provider == "cuda" else [want]
+
+
+def read_model_bytes(path: str | os.PathLike) -> bytes:
+    """The bytes of a detector file, with clear errors for a missing / oversized / unreadable one."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileError(f"{path}: no such file")
+    if path.is_dir():
+        raise ModelFileError(f"{path} is a directory, expected a .onnx file")
+    if path.stat().st_size >= MAX_FILE_BYTES:
+        raise ModelFileError(f"{path}: over 2 GB; ufad files are single self-contained protobufs")
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ModelFileError(f"{path}: cannot read it ({e.strerror})") from None
+
+
+def verified_parts(data: bytes, path: str, verify: bool = True) -> tuple[integrity.ModelParts, fmt.FormatInfo]:
+    """Split, parse and (``verify``) integrity-check a detector file's bytes.
+
+    The metadata is read from the bytes that were hashed, never from a second parser."""
+    parts = integrity.read_parts(data, path)
+    if verify:
+        integrity.check(parts, path)
+    info = fmt.parse_metadata(parts.metadata, path)
+    if verify:
+        integrity.check_threshold(parts, info, path)
+    return parts, info
 
 
 class AnomalySession:
@@ -116,17 +151,29 @@ class AnomalySession:
         provider: ``"auto"`` (CUDA when available, else CPU), ``"cpu"`` or ``"cuda"``
             (an error when CUDA cannot run; never a silent CPU fallback).
         threads: onnxruntime intra-op threads (default: onnxruntime's choice).
-        verify: check the graph's sha256 against the metadata (tampering / corruption).
-        range_check: ``"error"`` refuses values far outside the recorded range; ``"off"``.
+        verify: check the file's digests (graph, metadata, header) against the ones it
+            records: a file edited after export is refused. Not recommended to turn off.
+        verify_key: an Ed25519 public key (PEM path or bytes, or a key object): the file must
+            carry a valid signature by it (``ufad sign``), else ``SignatureError``.
+        range_check: ``"error"`` applies the file's range policy (images: refuse values far
+            outside the recorded range); ``"off"`` scores them as they are.
     """
 
     def __init__(self, path: str | os.PathLike, provider: str = "auto", *, threads: int | None = None,
-                 verify: bool = True, range_check: str = "error", session_options: Any = None):
+                 verify: bool = True, verify_key: Any = None, range_check: str = "error",
+                 session_options: Any = None):
         import onnxruntime as ort
 
+        if range_check not in RANGE_CHECKS:
+            raise InputError(f"range_check must be one of {RANGE_CHECKS}, got {range_check!r}")
+        if verify_key is not None and not verify:
+            # Python-only options (the CLI always verifies), so spelt as keywords here.
+            raise InputError("verify_key= needs the integrity check: drop verify=False.")
         self.path = Path(path)
-        data = self._read(self.path)
-        actual_hash = fmt.graph_sha256(data, str(self.path)) if verify else None
+        data = read_model_bytes(self.path)
+        parts, self.info = verified_parts(data, str(self.path), verify)
+        self.signer = signing.verify(parts, verify_key, str(self.path)) if verify_key is not None else None
+        self.verified = verify
         providers = resolve_providers(provider)
         so = session_options or ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -141,14 +188,6 @@ class AnomalySession:
                 f"{self.path}: onnxruntime cannot load it ({str(e).strip().splitlines()[0][:300]}). "
                 "The file is corrupt, truncated or not an ONNX model; re-export it."
             ) from None
-        meta = dict(self._sess.get_modelmeta().custom_metadata_map)
-        self.info = fmt.parse_metadata(meta, str(self.path))
-        if verify and actual_hash != self.info.graph_sha256:
-            raise ModelFileError(
-                f"{self.path}: the graph's sha256 ({actual_hash[:16]}...) does not match the one "
-                f"recorded in its metadata ({self.info.graph_sha256[:16]}...): the weights or "
-                "statistics were modified after export. Do not trust this file; re-export it."
-            )
         self._check_io()
         self.providers = list(self._sess.get_providers())
         self.provider = self.providers[0]
@@ -156,45 +195,30 @@ class AnomalySession:
             raise ProviderError(
                 f"CUDA was requested but onnxruntime runs this model on {self.provider} "
                 "(the CUDA provider failed to initialise: driver, CUDA or cuDNN missing?). "
-                "Use provider='cpu' to run on CPU deliberately."
+                f"Use {opt('provider', 'cpu')} to run on CPU deliberately."
             )
         if provider.lower() == "auto" and PROVIDERS["cuda"] in providers and self.provider != PROVIDERS["cuda"]:
             warnings.warn(f"CUDA is installed but could not be used; running on {self.provider}", RuntimeWarning)
-        if range_check not in RANGE_CHECKS:
-            raise InputError(f"range_check must be one of {RANGE_CHECKS}, got {range_check!r}")
         self.range_check = range_check
+        # The calibrated threshold is the graph's own default (an initializer, covered by the
+        # graph digest and checked equal to the metadata's): it is fed only to override it.
         self.threshold = self.info.threshold
-        with np.errstate(over="ignore"):
-            self._default_thr_feed = np.array(self.threshold, dtype=np.float32)
         self._in_name = self.info.input.name
         self._out_names = [fmt.OUT_LOGITS, fmt.OUT_PRED, fmt.OUT_SCORE, fmt.OUT_IS_ANOMALY, fmt.OUT_LAYER_SCORES]
         self._act_names = [l.output for l in self.info.layers]
+        self._flag_range = self.info.input.range_policy == "flag"
         # The binding's own run: InferenceSession.run adds ~3 us of Python checks per call
         # (a visible share at batch 1: BENCHMARKS.md) and, on a provider failure, silently
-        # retries on CPU, which ufad must never do. Feeds are always complete here.
+        # retries on CPU, which ufad must never do.
         inner = getattr(self._sess, "_sess", None)
         self._run_fn = inner.run if inner is not None and hasattr(inner, "run") else self._sess.run
         if hasattr(self._sess, "disable_fallback"):
             self._sess.disable_fallback()
         self.classes = self.info.classes
-        # metadata is not covered by the graph hash: read the column names defensively
         ls = self.info.outputs.get(fmt.OUT_LAYER_SCORES)
         cols = ls.get("columns") if isinstance(ls, dict) else None
         self.layer_names = (tuple(str(c) for c in cols) if isinstance(cols, list)
                             else tuple(l.name for l in self.info.layers))
-
-    @staticmethod
-    def _read(path: Path) -> bytes:
-        if not path.exists():
-            raise ModelFileError(f"{path}: no such file")
-        if path.is_dir():
-            raise ModelFileError(f"{path} is a directory, expected a .onnx file")
-        if path.stat().st_size >= MAX_FILE_BYTES:
-            raise ModelFileError(f"{path}: over 2 GB; ufad files are single self-contained protobufs")
-        try:
-            return path.read_bytes()
-        except OSError as e:
-            raise ModelFileError(f"{path}: cannot read it ({e.strerror})") from None
 
     def _check_io(self) -> None:
         graph_inputs = {i.name: i for i in self._sess.get_inputs()}
@@ -207,7 +231,8 @@ class AnomalySession:
                 f"{self.path}: graph inputs {sorted(inputs)} / outputs {sorted(outputs)} do not "
                 "match its ufad metadata; the file was edited. Re-export it."
             )
-        # The metadata is not hashed: an edited input shape would only fail inside onnxruntime.
+        # A format-1 file's metadata is not hashed: an edited input shape would only fail
+        # inside onnxruntime. (Format 2 covers it; the check is cheap and stays.)
         got = graph_inputs[self.info.input.name].shape
         want = self.info.input.shape
         if len(got) != len(want) or any(isinstance(g, int) and w is not None and g != w
@@ -232,12 +257,12 @@ class AnomalySession:
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
         arr, all_finite = check_batch(x, self.info.input, self.range_check)
-        thr, feed_thr = self._threshold_feed(threshold)
+        thr, extra = self._threshold_feed(threshold)
         names = self._out_names + (self._act_names if activations else [])
         if len(arr) <= batch_size:
-            cols = self._run(names, {self._in_name: arr, fmt.INPUT_THRESHOLD: feed_thr}) if len(arr) else None
+            cols = self._run(names, {self._in_name: arr, **extra}) if len(arr) else None
         else:
-            chunks = [self._run(names, {self._in_name: arr[i:i + batch_size], fmt.INPUT_THRESHOLD: feed_thr})
+            chunks = [self._run(names, {self._in_name: arr[i:i + batch_size], **extra})
                       for i in range(0, len(arr), batch_size)]
             cols = [np.concatenate([c[k] for c in chunks]) for k in range(len(names))]
         if cols is None:
@@ -250,16 +275,20 @@ class AnomalySession:
             # The graph already gives these +inf; OR-ing keeps the rule true for threshold=+inf
             # and for files exported before the graph did it too.
             is_anomaly = cols[3] | nonfinite | np.isnan(cols[2])
+        # The graph flags these itself (range policy "flag"); reported so a caller sees why.
+        oor = out_of_range(arr, self.info.input) if self._flag_range else np.zeros(len(arr), bool)
         return ScoreResult(
             logits=cols[0], pred=cols[1], score=cols[2], is_anomaly=is_anomaly, layer_scores=cols[4],
             threshold=thr, classes=self.classes, layer_names=self.layer_names,
-            provider=self.provider, nonfinite=nonfinite,
-            activations=dict(zip(names[5:], cols[5:])),
+            provider=self.provider, nonfinite=nonfinite, out_of_range=oor,
+            activations=dict(zip(names[len(self._out_names):], cols[len(self._out_names):])),
         )
 
-    def _threshold_feed(self, threshold: Any) -> tuple[float, np.ndarray]:
+    def _threshold_feed(self, threshold: Any) -> tuple[float, dict[str, np.ndarray]]:
+        """The threshold a result reports and the feed that overrides the graph's default
+        (none when the caller does not override it)."""
         if threshold is None:
-            return self.threshold, self._default_thr_feed
+            return self.threshold, {}
         try:
             thr = float(threshold)
         except (TypeError, ValueError):
@@ -267,7 +296,7 @@ class AnomalySession:
         if math.isnan(thr):
             raise InputError("threshold is NaN; pass a finite number or +inf")
         with np.errstate(over="ignore"):  # |threshold| beyond float32 means +-inf, as intended
-            return thr, np.array(thr, dtype=np.float32)
+            return thr, {fmt.INPUT_THRESHOLD: np.array(thr, dtype=np.float32)}
 
     def _run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         try:
@@ -278,7 +307,7 @@ class AnomalySession:
             raise ProviderError(
                 f"onnxruntime failed to run the detector on {self.provider}: "
                 f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__}. "
-                "With CUDA, try a smaller batch_size or provider='cpu'."
+                f"With CUDA, try a smaller {opt('batch_size')} or {opt('provider', 'cpu')}."
             ) from None
 
     __call__ = run
@@ -299,6 +328,8 @@ class AnomalySession:
         d = self.info.to_json()
         d["file"] = str(self.path)
         d["size_bytes"] = self.path.stat().st_size
+        d["verified"] = self.verified
+        d["signature_verified_key"] = self.signer
         d["providers"] = self.providers
         d["graph_inputs"] = [{"name": i.name, "shape": i.shape, "type": i.type} for i in self._sess.get_inputs()]
         d["graph_outputs"] = [{"name": o.name, "shape": o.shape, "type": o.type} for o in self._sess.get_outputs()]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -18,20 +17,17 @@ from click.testing import CliRunner
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
+from filetools import with_metadata as _with_metadata  # noqa: E402
+from ufad.runtime import integrity  # noqa: E402
 from ufad.runtime import AnomalySession, ModelFileError  # noqa: E402
 from ufad.runtime.cli import main  # noqa: E402
 
 
-def _with_metadata(src: Path, dst: Path, edit: Callable[[dict], None]) -> Path:
-    """Re-save ``src`` with its metadata edited by ``edit`` (the graph is left untouched,
-    so the sha256 check still passes and the metadata parser is what is tested)."""
-    model = onnx.load(str(src))
-    meta = {p.key: p.value for p in model.metadata_props}
-    edit(meta)
-    del model.metadata_props[:]
-    for k, v in meta.items():
-        model.metadata_props.add(key=k, value=v)
-    onnx.save(model, str(dst))
+def _resealed(src: Path, dst: Path, edit) -> Path:
+    """Edit the metadata and recompute the content digest, as someone who knows the format
+    would: the file then passes its integrity check and the metadata parser is what is tested."""
+    _with_metadata(src, dst, edit)
+    dst.write_bytes(integrity.seal(dst.read_bytes()))
     return dst
 
 
@@ -75,20 +71,20 @@ CASES = {
                      r"not a well-formed ONNX model|onnxruntime cannot load it"),
     "empty": (lambda s, d: _bytes(d / "e.onnx", b""), r"not a well-formed ONNX model"),
     "text": (lambda s, d: _bytes(d / "x.onnx", b"this is not a model\n"), r"not a well-formed ONNX model"),
-    "missing_key": (lambda s, d: _with_metadata(s, d / "mk.onnx", lambda m: m.pop("ufad.layers")),
+    "missing_key": (lambda s, d: _resealed(s, d / "mk.onnx", lambda m: m.pop("ufad.layers")),
                     r"metadata is incomplete, missing \['ufad.layers'\]"),
     "missing_hash": (lambda s, d: _with_metadata(s, d / "mh.onnx", lambda m: m.pop("ufad.graph_sha256")),
                      r"missing \['ufad.graph_sha256'\]"),
-    "malformed_json": (lambda s, d: _with_metadata(s, d / "mj.onnx", lambda m: m.update({"ufad.layers": "[{"})),
+    "malformed_json": (lambda s, d: _resealed(s, d / "mj.onnx", lambda m: m.update({"ufad.layers": "[{"})),
                        r"'ufad.layers' is not valid JSON"),
-    "input_not_object": (lambda s, d: _with_metadata(s, d / "io.onnx", lambda m: m.update({"ufad.input": "[]"})),
+    "input_not_object": (lambda s, d: _resealed(s, d / "io.onnx", lambda m: m.update({"ufad.input": "[]"})),
                          r"metadata is malformed"),
-    "bad_range": (lambda s, d: _with_metadata(s, d / "br.onnx", lambda m: m.update(
+    "bad_range": (lambda s, d: _resealed(s, d / "br.onnx", lambda m: m.update(
         {"ufad.input": json.dumps({"name": "input", "shape": [None, 1, 28, 28], "dtype": "float32", "range": [0]})})),
         r"metadata is malformed"),
-    "nan_threshold": (lambda s, d: _with_metadata(s, d / "nt.onnx", lambda m: m.update({"ufad.threshold": "NaN"})),
+    "nan_threshold": (lambda s, d: _resealed(s, d / "nt.onnx", lambda m: m.update({"ufad.threshold": "NaN"})),
                       r"metadata is malformed.*NaN"),
-    "edited_input_shape": (lambda s, d: _with_metadata(s, d / "es.onnx", lambda m: m.update(
+    "edited_input_shape": (lambda s, d: _resealed(s, d / "es.onnx", lambda m: m.update(
         {"ufad.input": json.dumps({"name": "input", "shape": [None, 3, 32, 32], "dtype": "float32", "range": [0, 1]})})),
         r"input shape .* does not match the metadata"),
     "future_version": (lambda s, d: _with_metadata(s, d / "fv.onnx", lambda m: m.update({"ufad.format_version": "99"})),
@@ -99,6 +95,11 @@ CASES = {
                    r"not a ufad detector"),
     "statistics_tampered": (lambda s, d: _tamper_statistics(s, d / "tampered.onnx"),
                             r"sha256 .* does not match .*modified after export"),
+    "metadata_edited": (lambda s, d: _with_metadata(s, d / "me.onnx", lambda m: m.update({"ufad.threshold": "1e9"})),
+                        r"content sha256 .* does not match .*edited after export"),
+    "threshold_resealed": (lambda s, d: _resealed(s, d / "tr.onnx", lambda m: m.update(
+        {"ufad.threshold": "1e9", "ufad.calibration": json.dumps({**json.loads(m["ufad.calibration"]), "threshold": 1e9})})),
+        r"graph's default threshold .* differs from the metadata's"),
     "hash_edited": (lambda s, d: _with_metadata(s, d / "he.onnx", lambda m: m.update({"ufad.graph_sha256": "0" * 64})),
                     r"does not match the one recorded"),
     "missing_file": (lambda s, d: d / "nope.onnx", r"no such file"),

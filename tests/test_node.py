@@ -139,7 +139,8 @@ def test_node_client_threshold_nonfinite_uint8_and_errors(node_ready, exported_p
     # Metadata through the JS protobuf reader equals the Python parse.
     info = json.loads(run_client(exported_path, "--info").stdout)
     py = session.info.to_json()
-    for key in ("format_version", "method", "classes", "input", "threshold", "graph_sha256", "layers", "params"):
+    for key in ("format_version", "method", "classes", "input", "threshold", "graph_sha256", "content_sha256",
+                "signed", "layers", "params"):
         assert info[key] == py[key], key
     assert info["verified"] is True and info["layer_names"] == list(session.layer_names)
 
@@ -151,11 +152,24 @@ def test_node_client_threshold_nonfinite_uint8_and_errors(node_ready, exported_p
     assert i > 0
     tampered[i] ^= 1
     (tmp_path / "tampered.onnx").write_bytes(bytes(tampered))
+    # The attack: one metadata value edited with onnx (the graph untouched).
+    from filetools import with_metadata
+
+    with_metadata(exported_path, tmp_path / "defused.onnx", lambda m: m.update({"ufad.threshold": "1e9"}))
+    with_metadata(exported_path, tmp_path / "added.onnx", lambda m: m.update({"ufad.note": "x"}))
+
+    def downgrade(m):
+        m["ufad.format_version"] = "1"
+        m.pop("ufad.content_sha256")
+    with_metadata(exported_path, tmp_path / "downgraded.onnx", downgrade)
     cases = [
         ((exported_path, tmp_path / "pixels255.npy"), "divide by 255"),
         ((exported_path, tmp_path / "badshape.npy"), "expected float32 [B, 1, 28, 28]"),
         ((exported_path, tmp_path / "missing.npy"), "no such file"),
         ((tmp_path / "tampered.onnx", tmp_path / "u8.npy"), "sha256"),
+        ((tmp_path / "defused.onnx", tmp_path / "u8.npy"), "content sha256"),
+        ((tmp_path / "added.onnx", tmp_path / "u8.npy"), "edited after export"),
+        ((tmp_path / "downgraded.onnx", tmp_path / "u8.npy"), "graph was written as version 2"),
         ((tmp_path / "u8.npy", tmp_path / "u8.npy"), "not"),
     ]
     for args, needle in cases:

@@ -6,8 +6,11 @@
  * Why a protobuf reader: onnxruntime-node and onnxruntime-web (1.30) expose input/output
  * names and shapes but not the model's custom metadata (no `custom_metadata_map` as in
  * Python), so the few top-level fields we need are read from the ModelProto bytes here:
- * field 7 = graph (hashed for the integrity check), field 14 = metadata_props
- * (StringStringEntryProto: 1 = key, 2 = value). Nothing else of the protobuf is parsed.
+ * field 7 = graph (hashed for the integrity check; its field 10, doc_string, names the format
+ * version it was written as), field 14 = metadata_props (StringStringEntryProto: 1 = key,
+ * 2 = value). Integrity follows FORMAT.md "Integrity" (the same rules as
+ * ufad/runtime/integrity.py): `ufad.graph_sha256` covers the graph, `ufad.content_sha256`
+ * every other top-level field and every metadata entry but itself and `ufad.signature`.
  *
  * Loads as CommonJS (`require('./ufad_format.js')`) or as a plain <script> (global
  * `ufadFormat`). No dependencies.
@@ -18,11 +21,16 @@
 })(typeof self !== 'undefined' ? self : this, function () {
   'use strict';
 
-  const FORMAT_VERSION = 1;
+  const FORMAT_VERSION = 2;
   const REQUIRED_KEYS = [
     'ufad.format_version', 'ufad.method', 'ufad.params', 'ufad.layers', 'ufad.classes',
     'ufad.input', 'ufad.outputs', 'ufad.threshold', 'ufad.calibration', 'ufad.graph_sha256',
   ];
+  const REQUIRED_KEYS_V2 = REQUIRED_KEYS.concat(['ufad.content_sha256']);
+  const CONTENT_DOMAIN = 'ufad-content-v2\n';
+  const UNCOVERED = ['ufad.content_sha256', 'ufad.signature'];
+  const GRAPH_MARKER = 'ufad.format_version=';
+  const GRAPH_DOC_STRING = 10;
   const OUT = { logits: 'logits', pred: 'pred', score: 'score', isAnomaly: 'is_anomaly', layerScores: 'layer_scores' };
   const GRAPH_FIELD = 7;
   const METADATA_FIELD = 14;
@@ -45,23 +53,28 @@
     throw new Error('varint too long');
   }
 
-  /** Walk one protobuf message; call visit(fieldNumber, wireType, bytes|null) per field. */
+  /**
+   * Walk one protobuf message; call visit(fieldNumber, wireType, payload|null, record) per
+   * field, where record is the field's whole bytes (tag included).
+   */
   function walk(buf, visit) {
     let pos = 0;
     while (pos < buf.length) {
+      const start = pos;
       let key;
       [key, pos] = readVarint(buf, pos);
       const field = Math.floor(key / 8), wire = key & 7;
+      if (field === 0) throw new Error('field number 0');
+      let payload = null;
       if (wire === 0) {
         [, pos] = readVarint(buf, pos);
-        visit(field, wire, null);
       } else if (wire === 1) {
         pos += 8;
       } else if (wire === 2) {
         let len;
         [len, pos] = readVarint(buf, pos);
         if (pos + len > buf.length) throw new Error('truncated length-delimited field');
-        visit(field, wire, buf.subarray(pos, pos + len));
+        payload = buf.subarray(pos, pos + len);
         pos += len;
       } else if (wire === 5) {
         pos += 4;
@@ -69,38 +82,77 @@
         throw new Error(`unsupported wire type ${wire}`);
       }
       if (pos > buf.length) throw new Error('truncated message');
+      visit(field, wire, payload, buf.subarray(start, pos));
     }
   }
 
   /**
-   * Read metadata_props and the raw graph bytes of a serialized ModelProto.
+   * Read metadata_props, the raw graph bytes and the other top-level records of a serialized
+   * ModelProto. Refuses two graphs and a metadata key that appears twice (protobuf readers
+   * would merge or pick one, so what is verified could differ from what runs).
    * @param {Uint8Array} bytes the whole .onnx file
-   * @returns {{metadata: Object<string,string>, graph: Uint8Array}}
+   * @returns {{metadata: Object<string,string>, graph: Uint8Array, header: Uint8Array[]}}
    */
   function readModelProto(bytes, path) {
     const buf = bytes instanceof Uint8Array ? bytes : new Uint8Array(bytes);
-    const utf8 = new TextDecoder('utf-8');
+    const utf8 = new TextDecoder('utf-8', { fatal: true });
     const metadata = {};
-    let graph = null;
+    const graphs = [], header = [];
+    let duplicate = null;
     try {
-      walk(buf, (field, wire, data) => {
-        if (wire !== 2) return;
-        if (field === GRAPH_FIELD) graph = data;  // last occurrence wins, as in protobuf
-        else if (field === METADATA_FIELD) {
+      walk(buf, (field, wire, data, record) => {
+        if (field === GRAPH_FIELD && wire === 2) graphs.push(data);
+        else if (field === METADATA_FIELD && wire === 2) {
           let k = '', v = '';
           walk(data, (f, w, d) => {
             if (w !== 2) return;
             if (f === 1) k = utf8.decode(d);
             else if (f === 2) v = utf8.decode(d);
           });
+          if (Object.prototype.hasOwnProperty.call(metadata, k)) duplicate = k;
           metadata[k] = v;
-        }
+        } else if (field !== METADATA_FIELD && field !== GRAPH_FIELD) header.push(record);
       });
     } catch (e) {
       throw new UfadError(`${path}: not a well-formed ONNX model (${e.message}); it may be truncated or corrupt. Re-export it or copy it again.`);
     }
-    if (graph === null) throw new UfadError(`${path}: not an ONNX model (no graph). Export one with \`ufad export\`.`);
-    return { metadata, graph };
+    if (graphs.length !== 1) throw new UfadError(`${path}: not a well-formed ONNX model (${graphs.length ? graphs.length + ' graphs' : 'no graph'}); it may be truncated or corrupt. Re-export it or copy it again.`);
+    if (duplicate !== null) throw new UfadError(`${path}: metadata key '${duplicate}' appears twice; readers would disagree on its value, so the file was edited. Do not trust it; re-export it.`);
+    return { metadata, graph: graphs[0], header };
+  }
+
+  /** The format version the graph says it was written as (its doc_string marker), 0 if none. */
+  function graphMarkerVersion(graph) {
+    let doc = '';
+    walk(graph, (field, wire, data) => {
+      if (field === GRAPH_DOC_STRING && wire === 2) doc = new TextDecoder('utf-8').decode(data);
+    });
+    for (const part of doc.split(/\s+/)) {
+      if (part.startsWith(GRAPH_MARKER)) {
+        const v = Number(part.slice(GRAPH_MARKER.length));
+        return Number.isInteger(v) ? v : 0;
+      }
+    }
+    return 0;
+  }
+
+  /** The bytes `ufad.content_sha256` is the sha256 of (FORMAT.md, "Integrity"). */
+  function contentBytes(header, metadata) {
+    const enc = new TextEncoder();
+    const netstring = (s) => { const b = enc.encode(s); return [enc.encode(`${b.length}:`), b, enc.encode(',')]; };
+    const cmp = (a, b) => {  // sort by UTF-8 bytes, as the Python runtime does
+      const x = enc.encode(a), y = enc.encode(b);
+      for (let i = 0; i < Math.min(x.length, y.length); i++) if (x[i] !== y[i]) return x[i] - y[i];
+      return x.length - y.length;
+    };
+    const parts = [enc.encode(CONTENT_DOMAIN), ...header];
+    for (const k of Object.keys(metadata).filter((k) => !UNCOVERED.includes(k)).sort(cmp)) {
+      parts.push(...netstring(k), ...netstring(metadata[k]));
+    }
+    const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+    let pos = 0;
+    for (const p of parts) { out.set(p, pos); pos += p.length; }
+    return out;
   }
 
   function json(meta, key, path) {
@@ -120,13 +172,13 @@
     if (!('ufad.format_version' in meta)) {
       throw new UfadError(`${path} is an ONNX model but not a ufad detector (no 'ufad.format_version' metadata). Export one with \`ufad export MODEL --data DATASET -o OUT.onnx\`.`);
     }
-    const missing = REQUIRED_KEYS.filter((k) => !(k in meta));
-    if (missing.length) throw new UfadError(`${path}: ufad metadata is incomplete, missing ${JSON.stringify(missing)}. Re-export the detector.`);
     const version = Number(meta['ufad.format_version']);
     if (!Number.isInteger(version) || version < 1) throw new UfadError(`${path}: invalid ufad format version ${JSON.stringify(meta['ufad.format_version'])}.`);
     if (version > FORMAT_VERSION) {
       throw new UfadError(`${path} uses ufad format version ${version}, newer than this client understands (<= ${FORMAT_VERSION}). Update the client.`);
     }
+    const missing = (version >= 2 ? REQUIRED_KEYS_V2 : REQUIRED_KEYS).filter((k) => !(k in meta));
+    if (missing.length) throw new UfadError(`${path}: ufad metadata is incomplete, missing ${JSON.stringify(missing)}. Re-export the detector.`);
     const threshold = Number(meta['ufad.threshold']);
     const inp = json(meta, 'ufad.input', path);
     const outputs = json(meta, 'ufad.outputs', path);
@@ -147,11 +199,14 @@
         shape: inp.shape.map((d) => (d === null ? null : Number(d))),
         dtype: String(inp.dtype),
         range: inp.range ? [Number(inp.range[0]), Number(inp.range[1])] : null,
+        range_policy: inp.range_policy === undefined ? 'refuse' : String(inp.range_policy),
       },
       outputs,
       threshold,
       calibration: json(meta, 'ufad.calibration', path),
       graph_sha256: meta['ufad.graph_sha256'],
+      content_sha256: meta['ufad.content_sha256'] || '',
+      signed: 'ufad.signature' in meta,
       producer: 'ufad.producer' in meta ? json(meta, 'ufad.producer', path) : {},
       layer_names,
     };
@@ -165,23 +220,41 @@
   }
 
   /**
-   * Read a detector file's bytes: parse its metadata and (verify=true) check the graph's
-   * sha256 against `ufad.graph_sha256`, as the Python runtime does.
+   * Read a detector file's bytes: parse its metadata and (verify=true) check the digests as
+   * the Python runtime does: the graph against `ufad.graph_sha256`, the graph's format marker
+   * against the metadata's version, and (format 2) header + metadata against
+   * `ufad.content_sha256`. A format-1 file loads with one warning (its metadata is not covered).
    * @returns {Promise<{info: Object, metadata: Object, verified: boolean}>}
    */
   async function loadDetectorBytes(bytes, path = '<model>', verify = true) {
-    const { metadata, graph } = readModelProto(bytes, path);
-    const info = parseMetadata(metadata, path);
+    const { metadata, graph, header } = readModelProto(bytes, path);
+    if (!('ufad.format_version' in metadata)) parseMetadata(metadata, path);  // "not a ufad detector"
     let verified = false;
     if (verify) {
       const actual = await sha256Hex(graph);
       if (actual !== null) {
-        if (actual !== info.graph_sha256) {
-          throw new UfadError(`${path}: the graph's sha256 (${actual.slice(0, 16)}...) does not match the one recorded in its metadata (${String(info.graph_sha256).slice(0, 16)}...): the weights or statistics were modified after export. Do not trust this file; re-export it.`);
+        const recorded = String(metadata['ufad.graph_sha256'] || '');
+        if (actual !== recorded) {
+          throw new UfadError(`${path}: the graph's sha256 (${actual.slice(0, 16)}...) does not match the one recorded in its metadata (${recorded.slice(0, 16)}...): the weights or statistics were modified after export. Do not trust this file; re-export it.`);
+        }
+        const version = Number(metadata['ufad.format_version']);
+        const written = graphMarkerVersion(graph);
+        if (written > version) {
+          throw new UfadError(`${path}: its metadata says ufad format version ${version} but the graph was written as version ${written}: the metadata was edited to skip the newer integrity check. Do not trust this file; re-export it.`);
+        }
+        if (version >= 2) {
+          const content = await sha256Hex(contentBytes(header, metadata));
+          const want = String(metadata['ufad.content_sha256'] || '');
+          if (content !== want) {
+            throw new UfadError(`${path}: the file's content sha256 (${content.slice(0, 16)}...) does not match the one recorded in its metadata (${want.slice(0, 16)}...): its metadata (threshold, classes, input spec, ...) or model header was edited after export. Do not trust this file; re-export it.`);
+          }
+        } else {
+          console.warn(`warning: ${path} uses ufad format version 1: its metadata (threshold, classes, input spec) is not covered by the integrity check, only its graph. Re-export it to protect the metadata too.`);
         }
         verified = true;
       }
     }
+    const info = parseMetadata(metadata, path);
     return { info, metadata, verified };
   }
 
@@ -196,7 +269,8 @@
    * detector, following ufad/runtime/inputs.py: float64 -> float32, uint8 / 255 when the
    * model's range lies in [0, 1]; a single sample gets a batch axis, [B, H, W] gets the
    * channel axis for one-channel models; values far outside the recorded range are refused
-   * unless rangeCheck is false. NaN / Inf pass (the graph scores them +inf).
+   * (range policy "refuse") unless rangeCheck is false; with policy "flag" they pass and the
+   * graph flags them. NaN / Inf pass (the graph scores them +inf).
    * @returns {{data: Float32Array, shape: number[]}}
    */
   function asBatch(data, shape, dtype, spec, rangeCheck = true) {
@@ -234,7 +308,7 @@
         if (Number.isFinite(v)) { if (v < amin) amin = v; if (v > amax) amax = v; }
       }
       if (amin === Infinity) { amin = lo; amax = hi; }
-      if (amin < lo - width || amax > hi + width) {
+      if (spec.range_policy !== 'flag' && (amin < lo - width || amax > hi + width)) {
         const hint = amax > 2 && amax <= 256 && hi <= 1 + 1e-6 ? ' (looks like 0..255 pixels: divide by 255)' : '';
         throw new UfadError(`input values span [${amin}, ${amax}], far outside the model's range [${lo}, ${hi}]${hint}. Rescale the input, or pass --no-range-check to score it anyway.`);
       }
@@ -257,7 +331,8 @@
 
   /**
    * One record per input, the `ufad score --json` schema:
-   * index, pred, label, score, is_anomaly, threshold, layer_scores, nonfinite_input.
+   * index, pred, label, score, is_anomaly, threshold, layer_scores, nonfinite_input,
+   * out_of_range_input (range policy "flag": the graph scored the input +inf).
    * @param {Object} out onnxruntime outputs (tensors with .data) for one batch
    * @param {Float32Array} input the batch that was scored (for nonfinite_input)
    * @param {number} offset index of the first row of this batch
@@ -270,13 +345,20 @@
     const isAnom = out[OUT.isAnomaly].data, ls = out[OUT.layerScores].data;
     const n = score.length, L = info.layer_names.length;
     const per = n ? input.length / n : 0;
+    const rng = info.input.range, flag = info.input.range_policy === 'flag' && rng;
+    const width = rng ? Math.max(rng[1] - rng[0], 1e-6) : 0;
+    const low = rng ? Math.fround(rng[0] - width) : 0, high = rng ? Math.fround(rng[1] + width) : 0;
     const rows = [];
     for (let i = 0; i < n; i++) {
       const p = Number(pred[i]);  // int64 comes back as BigInt
       const layerScores = {};
       for (let j = 0; j < L; j++) layerScores[info.layer_names[j]] = scoreValue(ls[i * L + j]);
       let nonfinite = false;
-      for (let k = i * per; k < (i + 1) * per; k++) if (!Number.isFinite(input[k])) { nonfinite = true; break; }
+      let outOfRange = false;
+      for (let k = i * per; k < (i + 1) * per; k++) {
+        if (!Number.isFinite(input[k])) nonfinite = true;
+        else if (flag && (input[k] < low || input[k] > high)) outOfRange = true;
+      }
       rows.push({
         index: offset + i,
         pred: p,
@@ -288,6 +370,7 @@
         threshold: scoreValue(threshold),
         layer_scores: layerScores,
         nonfinite_input: nonfinite,
+        out_of_range_input: Boolean(outOfRange),
       });
     }
     return rows;

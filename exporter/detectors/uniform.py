@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ufad.runtime.errors import ExportError
+from ufad.runtime.errors import ExportError, opt
 
 from .. import boundaries
 from ..capture import SOFTMAX
@@ -49,6 +49,12 @@ SMALL_BATCH = 16
 # fitting points all sit in one spot of a layer (a very confident class at @sqrt_softmax)
 # can have a spread of 1e-3, and 1/spread would turn float32 rounding into score noise.
 SCALE_FLOOR = 0.01
+
+
+def _ids(ids: Sequence[int], cap: int = 12) -> str:
+    """A list of class ids for a message, capped (a 1000-class model can miss hundreds)."""
+    shown = ", ".join(str(i) for i in ids[:cap])
+    return f"[{shown}{f', ... ({len(ids)} in all)' if len(ids) > cap else ''}]"
 
 
 class RBFLayerRegions(nn.Module):
@@ -243,13 +249,19 @@ class UniformDetector(Detector):
                  shrinkage: float = 0.01, max_points: int = 1000, min_points: int = 20, **kwargs: Any):
         super().__init__(model, layers, **kwargs)
         if not 0.0 < nu < 1.0:
-            raise ExportError(f"nu must be in (0, 1), got {nu}")
+            raise ExportError(f"{opt('nu')} must be in (0, 1), got {nu}")
         if boundary not in ("rbf", "ball"):
             raise ExportError(f"boundary must be 'rbf' or 'ball', got {boundary!r}")
         if whiten not in self.WHITEN:
             raise ExportError(f"whiten must be one of {self.WHITEN}, got {whiten!r}")
         if not shrinkage > 0.0:
             raise ExportError(f"shrinkage must be > 0, got {shrinkage}")
+        for name, value in (("max_points", max_points), ("min_points", min_points)):
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise ExportError(f"{opt(name)} must be an integer >= 1, got {value!r}")
+        if min_points > max_points:
+            raise ExportError(f"{opt('min_points')}={min_points} exceeds {opt('max_points')}={max_points}; "
+                              "lower the first or raise the second.")
         self.nu, self.boundary, self.gamma = float(nu), boundary, gamma
         self.whiten, self.shrinkage = whiten, float(shrinkage)
         self.max_points, self.min_points = int(max_points), int(min_points)
@@ -286,8 +298,8 @@ class UniformDetector(Detector):
         low = [int(c) for c in np.flatnonzero((counts > 0) & (counts < self.min_points))]
         if low:
             raise ExportError(
-                f"class(es) {low} have fewer than min_points={self.min_points} samples in the "
-                "fitting data; add data for them or lower min_points."
+                f"class(es) {_ids(low)} have fewer than {opt('min_points')}={self.min_points} samples "
+                f"in the fitting data; add data for them or lower {opt('min_points')}."
             )
 
     def _fit(self, stream) -> None:
@@ -319,9 +331,9 @@ class UniformDetector(Detector):
         missing = [c for c in range(self.num_classes) if len(keys.get(c, ())) < self.min_points]
         if missing:
             raise ExportError(
-                f"class(es) {missing} have fewer than min_points={self.min_points} correctly "
-                "classified fitting samples; add data for them, lower min_points, or check "
-                "that the labels match the model's outputs."
+                f"class(es) {_ids(missing)} have fewer than {opt('min_points')}={self.min_points} "
+                f"correctly classified fitting samples; add data for them, lower {opt('min_points')}, "
+                "or check that the labels match the model's outputs."
             )
         self._counts = [int(len(keys[c])) for c in range(self.num_classes)]
         self._fmaps = [m.feature_map(self.shrinkage) for m in moments]

@@ -1,0 +1,7 @@
+"""``python -m ufad.runtime.cli`` = ``ufad``."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

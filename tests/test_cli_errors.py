@@ -1,0 +1,229 @@
+"""The CLI on user mistakes: one ``error:`` line in CLI words (flags, not keyword arguments),
+exit status 2, never a traceback, and before any long work. Plus the range policy of
+feature-vector models (flag, never refuse) on a real tabular model.
+"""
+
+from __future__ import annotations
+
+import re
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+torch = pytest.importorskip("torch")
+from ufad.runtime import AnomalySession, InputError  # noqa: E402
+from ufad.runtime.cli import ALIASES, COMMANDS, cli_renderer, main  # noqa: E402
+from ufad.runtime.errors import option_names  # noqa: E402
+
+FAST_S = 2.0
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def one_line_error(res, match: str | None = None) -> str:
+    """ufad's ``error: ...`` line, or click's own usage error for a malformed flag value."""
+    err = res.stderr.strip()
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output, res.output
+    lines = err.splitlines()
+    assert (len(lines) == 1 and err.startswith("error: ")) or \
+        (lines[0].startswith("Usage: ") and lines[-1].startswith("Error: ")), res.output
+    if match:
+        assert re.search(match, err), err
+    return err
+
+
+# ------------------------------------------------------------------ messages in CLI words
+def test_every_option_a_message_names_exists_on_the_cli():
+    """Each opt("name") in the sources is spelt as a real flag by some command (the CLI
+    renders messages with the flags of the command that ran)."""
+    names = set()
+    for p in list((ROOT / "runtime").rglob("*.py")) + list((ROOT / "exporter").rglob("*.py")):
+        names |= set(re.findall(r"""opt\(['"](\w+)['"]""", p.read_text()))
+    assert {"range_check", "provider", "min_points", "tpr", "logits"} <= names
+    commands = [main.get_command(None, n) for n in COMMANDS]
+    aliased = {name for name, _ in ALIASES}
+    for name in sorted(names - aliased):
+        spelt = {cli_renderer(c)(name, "x") for c in commands}
+        assert any(s.startswith("--") for s in spelt), f"opt({name!r}) has no CLI flag: {spelt}"
+
+
+def test_range_error_names_the_flag_on_the_cli_and_the_keyword_in_python(session, tmp_path, mnist):
+    x255 = (mnist["test"][0][:2] * 255).astype(np.float32)
+    np.save(tmp_path / "x.npy", x255)
+    with pytest.raises(InputError) as e:
+        session.run(x255)
+    assert "range_check='off'" in str(e.value) and "--no-range-check" not in str(e.value)
+    err = one_line_error(CliRunner().invoke(main, ["score", str(session.path), str(tmp_path / "x.npy")]))
+    assert "--no-range-check" in err and "range_check" not in err
+
+
+def test_provider_error_names_the_flag(session, tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((1, 1, 28, 28), np.float32))
+    import onnxruntime as ort
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA is available here")
+    err = one_line_error(CliRunner().invoke(main, ["score", str(session.path), str(tmp_path / "x.npy"),
+                                                   "--provider", "cuda"]))
+    assert "--provider cpu" in err and "provider='cpu'" not in err
+
+
+# ------------------------------------------------------------------ export: fail fast
+@pytest.fixture
+def user_models(tmp_path, monkeypatch):
+    """A cwd with user models nobody here designed for: tuple / dict outputs, a tabular MLP."""
+    (tmp_path / "ufad_user_nets.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+        from ufad.models import mnist_cnn
+
+        class TupleOut(nn.Module):          # (logits, features), as many research models do
+            def __init__(self):
+                super().__init__()
+                self.net = mnist_cnn.pretrained()
+            def forward(self, x):
+                return self.net(x), x.flatten(1)[:, :8]
+
+        class DictOut(nn.Module):           # HuggingFace style
+            def __init__(self):
+                super().__init__()
+                self.net = mnist_cnn.pretrained()
+            def forward(self, x):
+                return {"features": x.flatten(1)[:, :8], "logits": self.net(x)}
+
+        def tuple_out():
+            return TupleOut().eval()
+
+        def dict_out():
+            return DictOut().eval()
+
+        def mlp():
+            return nn.Sequential(nn.Linear(30, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 2)).eval()
+    """))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def _export(*args: str):
+    t0 = time.perf_counter()
+    res = CliRunner().invoke(main, ["export", *args, "--quiet"])
+    return res, time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["-o", "/proc/det.onnx"], r"cannot write -o/--output /proc/det.onnx"),
+    (["-o", "."], r"is a directory"),
+    (["-o", "/proc/sub/det.onnx"], r"cannot write -o/--output /proc/sub/det.onnx"),
+    (["--min-points", "0"], r"--min-points must be an integer >= 1, got 0"),
+    (["--min-points", "5000"], r"--min-points=5000 exceeds --max-points=1000"),
+    (["--max-points", "0"], r"--max-points must be an integer >= 1"),
+    (["--tpr", "1.5"], r"--tpr must be in \(0, 1\]"),
+    (["--calib-data", "nope.npz"], r"nope.npz: no such file"),
+    (["--limit", "0"], r"--limit must be >= 1"),
+])
+def test_export_option_errors_come_before_any_work(user_models, extra, match):
+    args = ["ufad.models.mnist_cnn:pretrained", "--data", "mnist", *extra]
+    if "-o" not in extra:
+        args += ["-o", str(user_models / "out.onnx")]
+    res, elapsed = _export(*args)
+    one_line_error(res, match)
+    assert elapsed < FAST_S, f"{elapsed:.1f} s to report {extra}"
+
+
+def test_weights_of_another_model_are_refused(user_models):
+    from safetensors.torch import save_file
+
+    save_file(torch.nn.Linear(30, 2).state_dict(), str(user_models / "other.safetensors"))
+    res, elapsed = _export("ufad.models.mnist_cnn:pretrained", "--data", "mnist", "-o", "o.onnx",
+                           "--weights", "other.safetensors")
+    one_line_error(res, r"weights in other.safetensors do not fit the model")
+    assert elapsed < FAST_S
+
+
+def test_tuple_output_needs_logits_and_then_exports(user_models):
+    res, _ = _export("ufad_user_nets:tuple_out", "--data", "mnist", "-o", "t.onnx", "--limit", "3000")
+    one_line_error(res, r"returned tuple\(0: Tensor\[\d+, 10\], 1: Tensor\[\d+, 8\]\).*--logits 0")
+    res, _ = _export("ufad_user_nets:tuple_out", "--data", "mnist", "-o", "t.onnx", "--limit", "3000",
+                     "--max-points", "200", "--logits", "0")
+    assert res.exit_code == 0, res.output
+    sess = AnomalySession(user_models / "t.onnx", provider="cpu")
+    noise = np.random.default_rng(0).uniform(0, 1, (64, 1, 28, 28)).astype(np.float32)
+    assert sess.run(noise).is_anomaly.mean() >= 0.95
+    res, _ = _export("ufad_user_nets:tuple_out", "--data", "mnist", "-o", "t.onnx", "--limit", "3000",
+                     "--logits", "5")
+    one_line_error(res, r"--logits 5 does not name a tensor")
+
+
+def test_dict_output_with_a_logits_key_is_picked(user_models):
+    res, _ = _export("ufad_user_nets:dict_out", "--data", "mnist", "-o", "d.onnx", "--limit", "3000",
+                     "--max-points", "200")
+    assert res.exit_code == 0, res.output
+    assert AnomalySession(user_models / "d.onnx", provider="cpu").info.classes == tuple(str(i) for i in range(10))
+
+
+# ------------------------------------------------------------------ range policy per input kind
+@pytest.fixture
+def tabular(user_models):
+    """A real tabular model: an MLP trained on standardised breast-cancer features."""
+    from safetensors.torch import save_file
+    from sklearn.datasets import load_breast_cancer
+
+    x, y = load_breast_cancer(return_X_y=True)
+    x = ((x - x.mean(0)) / x.std(0)).astype(np.float32)
+    perm = np.random.default_rng(0).permutation(len(x))
+    x, y = x[perm], y[perm]
+    torch.manual_seed(0)
+    import ufad_user_nets
+
+    model = ufad_user_nets.mlp().train()
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    xt, yt = torch.tensor(x[:450]), torch.tensor(y[:450])
+    for _ in range(200):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(xt), yt).backward()
+        opt.step()
+    model.eval()
+    acc = float((model(torch.tensor(x[450:])).argmax(1).numpy() == y[450:]).mean())
+    assert acc >= 0.93, acc
+    save_file(model.state_dict(), str(user_models / "mlp.safetensors"))
+    np.savez(user_models / "train.npz", x=x[:450], y=y[:450])
+    return x[450:], y[450:]
+
+
+def test_feature_vectors_far_out_of_range_are_flagged_not_refused(tabular, user_models):
+    res, _ = _export("ufad_user_nets:mlp", "--weights", "mlp.safetensors", "--data", "train.npz",
+                     "-o", "tab.onnx", "--layers", "1,3,@sqrt_softmax")
+    assert res.exit_code == 0, res.output
+    x_test, _ = tabular
+    sess = AnomalySession(user_models / "tab.onnx", provider="cpu")
+    assert sess.info.input.range_policy == "flag"
+    noise = np.random.default_rng(1).normal(0, 10, (200, 30)).astype(np.float32)
+    res_noise, res_id = sess.run(noise), sess.run(x_test)
+    assert res_noise.is_anomaly.all(), "every sigma-10 sample must be flagged"
+    assert res_noise.out_of_range.mean() > 0.5 and np.isinf(res_noise.score[res_noise.out_of_range]).all()
+    assert res_id.is_anomaly.mean() <= 0.2 and not res_id.out_of_range.any()
+    # even a caller's huge threshold cannot accept them: the rule is in the graph
+    assert sess.run(noise, threshold=1e30).is_anomaly[res_noise.out_of_range].all()
+    np.save(user_models / "noise.npy", noise)
+    cli = CliRunner().invoke(main, ["score", "tab.onnx", "noise.npy", "--json"])
+    assert cli.exit_code == 0 and cli.stdout.count('"out_of_range_input": true') == int(res_noise.out_of_range.sum())
+    shown = CliRunner().invoke(main, ["inspect", "tab.onnx"])
+    assert "range rule  flag" in shown.stdout
+
+
+def test_images_keep_the_refusal(session):
+    assert session.info.input.range_policy == "refuse"
+    with pytest.raises(InputError, match="looks like 0..255 pixels"):
+        session.run(np.full((1, 1, 28, 28), 255.0, np.float32))
+
+
+def test_option_references_name_their_options():
+    from ufad.runtime.errors import opt, render
+
+    msg = f"lower {opt('min_points')} or pass {opt('range_check', 'off')}"
+    assert option_names(msg) == ["min_points", "range_check"]
+    assert render(msg) == "lower min_points or pass range_check='off'"
