@@ -13,7 +13,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import time
 import warnings
 from dataclasses import dataclass, field

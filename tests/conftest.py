@@ -1,15 +1,31 @@
-"""Shared fixtures: the real reference model, real MNIST splits, one exported detector.
+"""Shared fixtures of the exporter tier: the real reference model, real MNIST splits, one
+exported detector.
 
 Fitting the uniform detector on the full 50k MNIST training split and exporting it takes
-~30 s on 2 cores; it is done once per test session and reused by every test module.
+~40 s on 2 cores; it is done once per test session, only when a test asks for it. Nothing here
+imports torch at collection time, so the runtime tier (tests/runtime/, marked ``runtime``)
+collects and runs where torch is absent; its own conftest overrides ``exported_path``,
+``session`` and ``mnist`` with a committed small detector.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+RUNTIME_DIR = Path(__file__).resolve().parent / "runtime"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if RUNTIME_DIR in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.runtime)
+
+
+def _torch():
+    return pytest.importorskip("torch", reason="the exporter tier needs torch (pip install '.[export]')")
 
 
 @pytest.fixture(scope="session")
@@ -31,13 +47,14 @@ def fashion_test():
 def reference_model():
     from ufad.models import mnist_cnn
 
-    torch.set_num_threads(2)
+    _torch().set_num_threads(2)
     return mnist_cnn.pretrained()
 
 
 @pytest.fixture(scope="session")
 def fitted_detector(reference_model, mnist):
     """UniformDetector fitted on all 50k MNIST train images, calibrated on the 10k valid split."""
+    _torch()
     from ufad.exporter import UniformDetector
 
     x, y = mnist["train"]
