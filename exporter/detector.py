@@ -365,43 +365,37 @@ class Detector:
         return self
 
     # ------------------------------------------------------------------ export
-    def metadata(self) -> dict[str, Any]:
-        """Structured metadata (before JSON encoding) for the file."""
+    def format_info(self, producer: dict[str, str] | None = None) -> fmt.FormatInfo:
+        """What the file's metadata says about this detector (the graph digest is filled in
+        by the exporter once the graph exists)."""
         self._require_fitted()
         dims = self.dims or []
-        layers = [
-            {"name": l, "dim": int(d), "reduction": "none" if l == SOFTMAX else self.reduction,
-             "output": fmt.activation_output_name(l)}
+        layers = tuple(
+            fmt.LayerInfo(name=l, dim=int(d), reduction="none" if l == SOFTMAX else self.reduction,
+                          output=fmt.activation_output_name(l))
             for l, d in zip(self.layers, dims)
-        ]
+        )
         cal = self.calibration.to_json() if self.calibration else {
             "threshold": self.threshold, "target_tpr": None, "n_samples": 0,
             "source": "uncalibrated: boundary rule" if self.boundary_threshold is not None else "uncalibrated",
         }
         cal["boundary_threshold"] = self.boundary_threshold
-        lo, hi = self.input_range if self.input_range else (None, None)
-        return {
-            fmt.KEY_METHOD: self.method,
-            fmt.KEY_PARAMS: self.params(),
-            fmt.KEY_LAYERS: layers,
-            fmt.KEY_CLASSES: self.class_names,
-            fmt.KEY_INPUT: {
-                "name": "input", "shape": [None, *self.input_shape], "dtype": "float32",
-                "range": None if lo is None else [lo, hi], "range_policy": self.range_policy,
-            },
-            fmt.KEY_OUTPUTS: {
-                fmt.OUT_LOGITS: "float32 [B, classes]: the classifier's logits",
-                fmt.OUT_PRED: "int64 [B]: argmax of logits",
-                fmt.OUT_SCORE: "float32 [B]: anomaly score, higher = more anomalous (+inf for NaN)",
-                fmt.OUT_IS_ANOMALY: "bool [B]: not (score <= threshold)",
-                fmt.OUT_LAYER_SCORES: {"shape": "float32 [B, L]", "columns": self.layer_score_names()},
-                "activations": {l["output"]: f"float32 [B, {l['dim']}]: " + (
-                    "sqrt(softmax(logits))" if l["name"] == SOFTMAX else f"{self.reduction}-reduced output of {l['name']}")
-                    for l in layers},
-            },
-            fmt.KEY_THRESHOLD: self.threshold,
-            fmt.KEY_CALIBRATION: cal,
+        outputs = {
+            fmt.OUT_LOGITS: "float32 [B, classes]: the classifier's logits",
+            fmt.OUT_PRED: "int64 [B]: argmax of logits",
+            fmt.OUT_SCORE: "float32 [B]: anomaly score, higher = more anomalous (+inf for NaN)",
+            fmt.OUT_IS_ANOMALY: "bool [B]: not (score <= threshold)",
+            fmt.OUT_LAYER_SCORES: {"shape": "float32 [B, L]", "columns": self.layer_score_names()},
+            "activations": {l.output: f"float32 [B, {l.dim}]: " + (
+                "sqrt(softmax(logits))" if l.name == SOFTMAX else f"{self.reduction}-reduced output of {l.name}")
+                for l in layers},
         }
+        return fmt.FormatInfo(
+            format_version=fmt.FORMAT_VERSION, method=self.method, params=self.params(),
+            layers=layers, classes=tuple(self.class_names), input=self.input_spec(), outputs=outputs,
+            threshold=float(self.threshold), calibration=cal, graph_sha256="",
+            producer=dict(producer or {}),
+        )
 
     def export(self, path: str | Path, *, example: ArrayLike | None = None, simplify: bool = False,
                check_inputs: ArrayLike | None = None, verbose: bool = False) -> "ExportReport":

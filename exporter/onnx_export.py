@@ -9,15 +9,14 @@ atomic write.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
-import json
 import logging
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -124,12 +123,10 @@ def _strip_debug_metadata(graph) -> None:
                 _strip_debug_metadata(sub)
 
 
-def _set_metadata(model, meta: dict[str, Any]) -> None:
+def _set_metadata(model, meta: dict[str, str]) -> None:
     del model.metadata_props[:]
     for k, v in meta.items():
-        entry = model.metadata_props.add()
-        entry.key = k
-        entry.value = v if isinstance(v, str) else json.dumps(v)
+        model.metadata_props.add(key=k, value=v)
 
 
 def _ort_outputs(model_bytes: bytes, x: np.ndarray, names: list[str], chunk: int = 256) -> dict[str, np.ndarray]:
@@ -250,17 +247,18 @@ def _verify(model_bytes: bytes, det, check_x: np.ndarray, reference: dict[str, n
     return worst
 
 
-def _finalize(model, det, meta: dict[str, Any]) -> bytes:
-    """The file's bytes: default threshold, format marker, metadata, both digests (the
-    runtime's ``integrity`` module writes them, so writer and reader cannot drift)."""
+def _finalize(model, det, info: fmt.FormatInfo) -> bytes:
+    """The file's bytes: default threshold, format marker, metadata, both digests. The
+    runtime's own ``FormatInfo.to_metadata`` and ``integrity.seal`` write them, so writer and
+    reader cannot drift."""
     import onnx
 
     _set_threshold_default(model, det.threshold)
     model.doc_string = "ufad anomaly detector: " + fmt.SCORE_CONVENTION
     _strip_debug_metadata(model.graph)
     model.graph.doc_string = f"{integrity.GRAPH_MARKER}{fmt.FORMAT_VERSION}"
-    meta = dict(meta)
-    meta[fmt.KEY_GRAPH_SHA256] = hashlib.sha256(model.graph.SerializeToString()).hexdigest()
+    info = dataclasses.replace(info, graph_sha256=hashlib.sha256(model.graph.SerializeToString()).hexdigest())
+    meta = info.to_metadata()
     _set_metadata(model, meta)
     data = integrity.seal(model.SerializeToString())
     parts = integrity.read_parts(data)
@@ -297,11 +295,8 @@ def export_detector(det, path: Path, *, example=None, simplify: bool = False,
     if got != names:
         raise ExportError(f"internal: exported outputs {got} != expected {names}")
 
-    meta: dict[str, Any] = {fmt.KEY_FORMAT_VERSION: str(fmt.FORMAT_VERSION)}
-    meta.update(det.metadata())
-    meta[fmt.KEY_PRODUCER] = _versions()
-    meta[fmt.KEY_CONVENTION] = fmt.SCORE_CONVENTION
-    data = _finalize(model, det, meta)
+    info = det.format_info(producer=_versions())
+    data = _finalize(model, det, info)
     worst = _verify(data, det, check_x, reference)
     simplified = False
     if simplify:
@@ -312,7 +307,7 @@ def export_detector(det, path: Path, *, example=None, simplify: bool = False,
                 warnings.simplefilter("ignore")
                 simp, ok = onnxsim.simplify(model)
             if ok:
-                simp_data = _finalize(simp, det, meta)
+                simp_data = _finalize(simp, det, info)
                 worst_s = _verify(simp_data, det, check_x, reference)
                 data, worst, simplified = simp_data, max(worst, worst_s), True
             else:

@@ -86,10 +86,17 @@ class InputSpec:
         """The shape of one sample (``shape`` without the batch axis)."""
         return tuple(self.shape[1:])
 
+    def to_json(self) -> dict[str, Any]:
+        """The ``ufad.input`` object."""
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype,
+                "range": list(self.value_range) if self.value_range else None,
+                "range_policy": self.range_policy}
+
 
 @dataclass(frozen=True)
 class FormatInfo:
-    """Parsed ufad metadata of one detector file."""
+    """The ufad metadata of one detector file: the exporter writes it (``to_metadata``), the
+    runtime reads it back (``parse_metadata``); one definition of every field."""
 
     format_version: int
     method: str
@@ -97,7 +104,7 @@ class FormatInfo:
     layers: tuple[LayerInfo, ...]
     classes: tuple[str, ...]
     input: InputSpec
-    outputs: dict[str, str]
+    outputs: dict[str, Any]
     threshold: float
     calibration: dict[str, Any]
     graph_sha256: str
@@ -113,12 +120,7 @@ class FormatInfo:
             "params": self.params,
             "layers": [vars(l) for l in self.layers],
             "classes": list(self.classes),
-            "input": {
-                "name": self.input.name, "shape": list(self.input.shape),
-                "dtype": self.input.dtype,
-                "range": list(self.input.value_range) if self.input.value_range else None,
-                "range_policy": self.input.range_policy,
-            },
+            "input": self.input.to_json(),
             "outputs": self.outputs,
             "threshold": self.threshold,
             "calibration": self.calibration,
@@ -126,6 +128,26 @@ class FormatInfo:
             "content_sha256": self.content_sha256,
             "signed": self.signed,
             "producer": self.producer,
+        }
+
+
+    def to_metadata(self) -> dict[str, str]:
+        """The metadata_props entries this info is written as: every value a string, JSON
+        where structured. The integrity entries (``ufad.content_sha256``, ``ufad.signature``)
+        are ``integrity.py``'s to write. ``parse_metadata`` reads exactly this back."""
+        return {
+            KEY_FORMAT_VERSION: str(self.format_version),
+            KEY_METHOD: self.method,
+            KEY_PARAMS: json.dumps(self.params),
+            KEY_LAYERS: json.dumps([vars(l) for l in self.layers]),
+            KEY_CLASSES: json.dumps(list(self.classes)),
+            KEY_INPUT: json.dumps(self.input.to_json()),
+            KEY_OUTPUTS: json.dumps(self.outputs),
+            KEY_THRESHOLD: json.dumps(self.threshold),
+            KEY_CALIBRATION: json.dumps(self.calibration),
+            KEY_GRAPH_SHA256: self.graph_sha256,
+            KEY_PRODUCER: json.dumps(self.producer),
+            KEY_CONVENTION: SCORE_CONVENTION,
         }
 
 

@@ -172,6 +172,8 @@ class AnomalySession:
         self.path = Path(path)
         data = read_model_bytes(self.path)
         parts, self.info = verified_parts(data, str(self.path), verify)
+        #: every metadata entry, as read from the verified bytes
+        self.metadata: dict[str, str] = dict(parts.metadata)
         self.signer = signing.verify(parts, verify_key, str(self.path)) if verify_key is not None else None
         self.verified = verify
         providers = resolve_providers(provider)

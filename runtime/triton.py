@@ -102,7 +102,7 @@ def read_model_io(model: str | Path) -> tuple[list[TensorSpec], list[TensorSpec]
     # Inputs with a default value are "overridable initializers" to onnxruntime.
     inputs += [_spec(i.name, i.type, i.shape, optional=True) for i in raw.get_overridable_initializers()]
     outputs = [_spec(o.name, o.type, o.shape) for o in raw.get_outputs()]
-    meta = dict(raw.get_modelmeta().custom_metadata_map)
+    meta = sess.metadata  # the verified bytes' metadata, not a second parser's
     if sess.info.input.name not in {i.name for i in inputs}:
         raise ModelFileError(f"{model}: graph has no input {sess.info.input.name!r}; re-export it")
     return inputs, outputs, meta
