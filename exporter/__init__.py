@@ -2,10 +2,18 @@
 
 from .capture import ActivationCapture, default_layers, module_names
 from .detector import Detector, DetectorModule
-from .detectors import DETECTORS, UniformDetector
+from .detectors import UniformDetector
 from .onnx_export import ExportReport
 
 __all__ = [
     "ActivationCapture", "Detector", "DetectorModule", "DETECTORS", "ExportReport",
     "UniformDetector", "default_layers", "module_names",
 ]
+
+
+def __getattr__(name: str):
+    if name == "DETECTORS":  # the registry's view, computed when asked (see registry.py)
+        from .registry import detectors
+
+        return detectors()
+    raise AttributeError(name)

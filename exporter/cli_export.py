@@ -11,6 +11,8 @@ import numpy as np
 from ufad.runtime.errors import ExportError, InputError, opt
 from ufad.runtime.files import check_output_path
 
+from . import registry
+
 
 def load_data(data: str, split: str, limit: int | None) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
     """A built-in dataset name or an .npz with arrays ``x`` and ``y``."""
@@ -65,13 +67,6 @@ def calibration_split(y: np.ndarray, frac: float, seed: int) -> tuple[np.ndarray
 @click.option("--method", default="uniform", show_default=True, help="Detector (uniform or a baseline).")
 @click.option("--layers", default=None, help="Comma-separated module names to monitor, @sqrt_softmax for the output layer (default: automatic).")
 @click.option("--reduction", default="max", show_default=True, type=click.Choice(["mean", "max", "flatten"]))
-@click.option("--nu", default=0.1, show_default=True, type=float)
-@click.option("--boundary", default="rbf", show_default=True, type=click.Choice(["rbf", "ball"]))
-@click.option("--whiten", default="penultimate", show_default=True, type=click.Choice(["penultimate", "all", "none"]),
-              help="Layers whitened with the tied class covariance (uniform).")
-@click.option("--max-points", default=1000, show_default=True, type=int, help="Fitting points per class (uniform).")
-@click.option("--min-points", default=20, show_default=True, type=int,
-              help="Fewest correctly classified fitting points a class may have (uniform).")
 @click.option("--logits", default=None, metavar="INDEX|KEY",
               help="Which part of the model's output holds the logits, when it returns a tuple / dict / object.")
 @click.option("--range-policy", default="auto", show_default=True, type=click.Choice(["auto", "refuse", "flag"]),
@@ -82,21 +77,26 @@ def calibration_split(y: np.ndarray, frac: float, seed: int) -> tuple[np.ndarray
 @click.option("--simplify", is_flag=True, help="Run onnxsim, kept only if verified.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def export_command(model_spec, data, output, weights, calib_data, method, layers, reduction, nu,
-                   boundary, whiten, max_points, min_points, logits, range_policy, tpr, limit, simplify,
-                   seed, quiet):
+def export_command(model_spec, data, output, weights, calib_data, method, layers, reduction, logits,
+                   range_policy, tpr, limit, simplify, seed, quiet, **method_options):
     """Fit a detector for MODEL (package.module:factory; this RUNS that code) on ID data
-    and write it as one self-contained .onnx file."""
+    and write it as one self-contained .onnx file. Method options (below --quiet) come from
+    the detectors themselves; each says which methods take it."""
     import torch
 
-    from .detectors import DETECTORS
+    from .detector import check_tpr
     from .model_loading import load_factory, load_weights
 
-    from .detector import check_tpr
-
-    if method not in DETECTORS:
-        raise ExportError(f"unknown method {method!r}; available: {sorted(DETECTORS)}")
+    cls = registry.get(method)
     # Everything that can be known up front fails before the model, the data or the fit.
+    own = {o.name for o in cls.all_options()}
+    given = {k: v for k, v in method_options.items() if v is not None}
+    foreign = sorted(set(given) - own)
+    if foreign:
+        takes = registry.all_options()
+        raise ExportError("; ".join(
+            f"{opt(k)} is an option of {', '.join(takes[k][1])}, not of {method}" for k in foreign)
+            + f". Drop it, or choose {opt('method')} accordingly.")
     check_tpr(tpr)
     if limit is not None and limit < 1:
         raise ExportError(f"{opt('limit')} must be >= 1, got {limit}")
@@ -109,12 +109,11 @@ def export_command(model_spec, data, output, weights, calib_data, method, layers
     if weights:
         load_weights(model, weights)
     model.eval()
-    kwargs = dict(seed=seed, progress=not quiet, reduction=reduction, logits=logits, range_policy=range_policy)
-    if method == "uniform":
-        kwargs.update(nu=nu, boundary=boundary, whiten=whiten, max_points=max_points, min_points=min_points)
+    kwargs = dict(seed=seed, progress=not quiet, reduction=reduction, logits=logits,
+                  range_policy=range_policy, **given)
     layer_list = [l.strip() for l in layers.split(",") if l.strip()] if layers else None
-    # Built before the data loads so bad layers / nu / boundary fail fast; classes come later.
-    det = DETECTORS[method](model, layer_list, **kwargs)
+    # Built before the data loads so bad layers / options fail fast; classes come later.
+    det = cls(model, layer_list, **kwargs)
     x, y, classes = load_data(data, "train", limit)
     det.class_names = None if classes is None else [str(c) for c in classes]
     if calib_data:
@@ -138,3 +137,16 @@ def export_command(model_spec, data, output, weights, calib_data, method, layers
     )
     for note in rep.notes:
         click.echo(f"note: {note}")
+
+
+def _add_method_options(command: click.Command) -> click.Command:
+    """One flag per option any registered detector declares (default: the detector's own)."""
+    for name, (o, methods) in registry.all_options().items():
+        defaults = ", ".join(f"{m}: {registry.get(m).option(name).default}" for m in methods)
+        command.params.append(click.Option(
+            [o.flag, name], type=o.type, default=None,
+            help=f"{o.help[:1].upper()}{o.help[1:]} ({defaults})."))
+    return command
+
+
+_add_method_options(export_command)

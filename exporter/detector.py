@@ -25,6 +25,7 @@ from ufad.runtime.inputs import range_limits
 
 from .capture import SOFTMAX, ActivationCapture, default_layers, resolve_layers, run_model
 from .outputs import LogitsKey, parse_key, pick_logits
+from .registry import Option, register
 
 RANGE_POLICIES = ("auto", *fmt.RANGE_POLICIES)
 
@@ -150,12 +151,39 @@ class Calibration:
 
 
 class Detector:
-    """Base class. Subclasses set ``method`` and implement ``_fit`` and ``head``."""
+    """Base class. Subclasses set ``method`` and implement ``_fit`` and ``head``.
+
+    A subclass that sets ``method`` registers itself (``registry.py``); ``options`` declares
+    its own keyword arguments (the CLI offers each as a flag), ``rank`` orders listings.
+    """
 
     method = "base"
+    options: tuple[Option, ...] = ()
+    rank = 100
     uses_layers = True
     #: threshold of the detector's own boundary rule, if it has one (None otherwise)
     boundary_threshold: float | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "method" in cls.__dict__:
+            register(cls)
+
+    @classmethod
+    def option(cls, name: str) -> Option:
+        """The declared option ``name`` (StopIteration if this detector has none)."""
+        return next(o for o in cls.all_options() if o.name == name)
+
+    @classmethod
+    def all_options(cls) -> list[Option]:
+        """The options this detector takes: its own and its bases', nearest first."""
+        seen, out = set(), []
+        for klass in cls.__mro__:
+            for o in klass.__dict__.get("options", ()):
+                if o.name not in seen:
+                    seen.add(o.name)
+                    out.append(o)
+        return out
 
     def __init__(
         self,

@@ -1,6 +1,8 @@
-"""One detector per file. ``DETECTORS`` maps a method name to its class.
+"""One detector per file. Each registers itself (``registry.py``): adding a detector is adding
+a file here (or an ``ufad.detectors`` entry point in another package), nothing else.
 
 All take ``(model, layers=None, **options)``; higher score = more anomalous for all.
+``DETECTORS`` is the registry's current view, by method name.
 """
 
 from .energy import EnergyDetector
@@ -11,16 +13,14 @@ from .msp import MSPDetector
 from .uniform import UniformDetector
 from .vim import ViMDetector
 
-DETECTORS = {
-    "uniform": UniformDetector,
-    "msp": MSPDetector,
-    "maxlogit": MaxLogitDetector,
-    "energy": EnergyDetector,
-    "mahalanobis": MahalanobisDetector,
-    "mahalanobis_multi": MultiLayerMahalanobisDetector,
-    "knn": KNNDetector,
-    "vim": ViMDetector,
-}
+
+def __getattr__(name: str):
+    if name == "DETECTORS":  # computed when asked, so plugins and new files are included
+        from ..registry import detectors
+
+        return detectors()
+    raise AttributeError(name)
+
 
 __all__ = [
     "DETECTORS", "EnergyDetector", "KNNDetector", "MahalanobisDetector", "MaxLogitDetector",

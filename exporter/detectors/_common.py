@@ -14,6 +14,7 @@ from ufad.runtime.errors import ExportError
 
 from ..capture import default_layers
 from ..detector import Detector
+from ..registry import Option
 
 
 class LogitHead(nn.Module):
@@ -60,6 +61,8 @@ class LogitDetector(Detector):
 class TemperedLogitDetector(LogitDetector):
     """A logit-only baseline with a temperature T (MSP, Energy). Subclasses set ``method``,
     ``head_class`` (constructed with T) and ``formula`` (recorded in the metadata)."""
+
+    options = (Option("temperature", float, 1.0, "softmax temperature T"),)
 
     formula = ""
 

@@ -30,5 +30,6 @@ class EnergyDetector(TemperedLogitDetector):
     """
 
     method = "energy"
+    rank = 30
     head_class = EnergyHead
     formula = "-T * logsumexp(logits / T)"

@@ -16,6 +16,7 @@ from torch import nn
 
 from ufad.runtime.errors import ExportError
 
+from ..registry import Option
 from ._common import FeatureDetector, Subsample
 
 EPS = 1e-12
@@ -49,6 +50,9 @@ class KNNDetector(FeatureDetector):
     """
 
     method = "knn"
+    rank = 60
+    options = (Option("k", int, 50, "which nearest ID neighbour"),
+               Option("bank_size", int, 5000, "ID rows kept as neighbours"))
 
     def __init__(self, model: nn.Module, layers: Sequence[str] | None = None, *,
                  layer: str | None = None, k: int = 50, bank_size: int = 5000, **kwargs: Any):

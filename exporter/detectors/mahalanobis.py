@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import click
 import numpy as np
 import torch
 from torch import nn
@@ -31,6 +32,7 @@ from torch import nn
 from ufad.runtime.errors import ExportError
 
 from ..detector import Detector
+from ..registry import Option
 from ._common import FeatureDetector, Subsample
 
 
@@ -164,6 +166,8 @@ class MahalanobisDetector(FeatureDetector):
     """
 
     method = "mahalanobis"
+    rank = 40
+    options = (Option("ridge", float, 1e-9, "added to the covariance eigenvalues, relative to their mean"),)
 
     def __init__(self, model: nn.Module, layers: Sequence[str] | None = None, *,
                  layer: str | None = None, ridge: float = 1e-9, **kwargs: Any):
@@ -203,6 +207,10 @@ class MultiLayerMahalanobisDetector(Detector):
     """
 
     method = "mahalanobis_multi"
+    rank = 50
+    options = (Option("combine", click.Choice(["sum", "max"]), "sum", "how the standardised layer distances combine"),
+               Option("ridge", float, 1e-9, "added to the covariance eigenvalues, relative to their mean"),
+               Option("max_points", int, 5000, "ID fitting samples for the standardisation"))
 
     def __init__(self, model: nn.Module, layers: Sequence[str] | None = None, *,
                  combine: str = "sum", ridge: float = 1e-9, max_points: int = 5000, **kwargs: Any):

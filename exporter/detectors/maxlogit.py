@@ -20,6 +20,7 @@ class MaxLogitDetector(LogitDetector):
     """Maximum logit, negated so that higher = more anomalous."""
 
     method = "maxlogit"
+    rank = 20
     head_class = MaxLogitHead
 
     def params(self) -> dict[str, Any]:

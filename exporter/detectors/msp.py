@@ -31,5 +31,6 @@ class MSPDetector(TemperedLogitDetector):
     """
 
     method = "msp"
+    rank = 10
     head_class = MSPHead
     formula = "-max softmax(logits / T)"

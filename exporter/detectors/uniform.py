@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
+import click
 import numpy as np
 import torch
 from torch import nn
@@ -39,6 +40,7 @@ from ufad.runtime.errors import ExportError, opt
 from .. import boundaries
 from ..capture import SOFTMAX
 from ..detector import Detector
+from ..registry import Option
 from ..feature_maps import MAX_WHITEN_DIM, Affine, FeatureMap, LayerMoments
 
 PAD_LOGIT = -1e30  # log-weight of padding support vectors: exp() of it is exactly 0
@@ -242,6 +244,16 @@ class UniformDetector(Detector):
     """
 
     method = "uniform"
+    rank = 0
+    options = (
+        Option("nu", float, 0.1, "fraction of ID fitting points allowed outside each region"),
+        Option("boundary", click.Choice(["rbf", "ball"]), "rbf", "region: RBF one-class SVM, or a ball"),
+        Option("whiten", click.Choice(["penultimate", "all", "none"]), "penultimate",
+               "layers whitened with the tied class covariance"),
+        Option("shrinkage", float, 0.01, "covariance shrinkage, as a fraction of its mean eigenvalue"),
+        Option("max_points", int, 1000, "fitting points per class"),
+        Option("min_points", int, 20, "fewest correctly classified fitting points a class may have"),
+    )
     WHITEN = ("penultimate", "all", "none")
 
     def __init__(self, model: nn.Module, layers: Sequence[str] | None = None, *, nu: float = 0.1,

@@ -21,6 +21,7 @@ from torch import nn
 
 from ufad.runtime.errors import ExportError
 
+from ..registry import Option
 from ._common import FeatureDetector, Subsample
 
 
@@ -62,6 +63,10 @@ class ViMDetector(FeatureDetector):
     """
 
     method = "vim"
+    rank = 70
+    options = (Option("dim", int, None, "principal-subspace size (default: as in the paper)"),
+               Option("classifier", str, None, "module name of the final nn.Linear (default: the last one)"),
+               Option("max_points", int, 20000, "fitting rows for the mean residual norm"))
 
     def __init__(self, model: nn.Module, layers: Sequence[str] | None = None, *,
                  layer: str | None = None, classifier: str | None = None, dim: int | None = None,
