@@ -12,6 +12,7 @@ from ufad.runtime.errors import ExportError, InputError, opt
 from ufad.runtime.files import check_output_path
 
 from . import registry
+from .detector import check_labels
 
 
 def load_data(data: str, split: str, limit: int | None) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
@@ -26,9 +27,10 @@ def load_data(data: str, split: str, limit: int | None) -> tuple[np.ndarray, np.
             with np.load(p, allow_pickle=False) as z:
                 if "x" not in z.files or "y" not in z.files:
                     raise InputError(f"{p}: expected arrays 'x' and 'y', found {z.files}")
-                x, y = z["x"].astype(np.float32), z["y"].astype(np.int64)
+                x, y = z["x"].astype(np.float32), z["y"]
         except (ValueError, OSError) as e:
             raise InputError(f"{p}: unreadable .npz ({e})") from None
+        y = check_labels(y, len(x))   # before any split or cast could hide a mismatch
         if limit:
             x, y = x[:limit], y[:limit]
         return x, y, None

@@ -51,10 +51,8 @@ def iter_batches(
     """
     if isinstance(data, (np.ndarray, torch.Tensor)):
         n = len(data)
-        if labels is not None and len(labels) != n:
-            raise ExportError(
-                f"data has {n} samples but labels has {len(labels)}; pass one label per sample."
-            )
+        if labels is not None:
+            check_labels(labels, n)
         if n == 0:
             raise ExportError("data is empty; pass at least one batch of ID samples.")
         x_all = torch.as_tensor(np.asarray(data) if isinstance(data, np.ndarray) else data)
@@ -82,6 +80,21 @@ def iter_batches(
 
     total = len(data) if hasattr(data, "__len__") else None
     return gen_loader(), total
+
+
+def check_labels(labels: ArrayLike, n: int | None = None) -> np.ndarray:
+    """Labels as int64 class indices, refused unless they are a 1-D array of non-negative
+    integers (``n``: the number of samples they must match)."""
+    lab = np.asarray(labels)
+    integral = lab.dtype.kind in "iu" or (lab.dtype.kind == "f" and bool(np.all(np.mod(lab, 1) == 0)))
+    if lab.ndim != 1 or not integral or (lab.size and lab.min() < 0):
+        raise ExportError(
+            f"labels must be a 1-D array of non-negative integer class indices, got "
+            f"{lab.dtype} of shape {lab.shape}."
+        )
+    if n is not None and len(lab) != n:
+        raise ExportError(f"data has {n} samples but labels has {len(lab)}; pass one label per sample.")
+    return lab.astype(np.int64)
 
 
 def check_tpr(tpr: float) -> None:
@@ -281,13 +294,7 @@ class Detector:
         """Fit the statistics on ID data (arrays + labels, or a loader of (x, y) batches)."""
         self._check_model()
         if labels is not None:
-            lab = np.asarray(labels)
-            integral = lab.dtype.kind in "iu" or (lab.dtype.kind == "f" and bool(np.all(np.mod(lab, 1) == 0)))
-            if lab.ndim != 1 or not integral or (lab.size and lab.min() < 0):
-                raise ExportError(
-                    f"labels must be a 1-D array of non-negative integer class indices, got "
-                    f"{lab.dtype} of shape {lab.shape}."
-                )
+            lab = check_labels(labels, len(data) if isinstance(data, (np.ndarray, torch.Tensor)) else None)
             self._check_labels(lab)
         self._fit(self._stream(data, labels, f"fit {self.method}"))
         self.input_range = getattr(self, "_seen_range", None)

@@ -114,6 +114,43 @@ def test_export_option_errors_come_before_any_work(user_models, extra, match):
     assert elapsed < FAST_S, f"{elapsed:.1f} s to report {extra}"
 
 
+@pytest.mark.parametrize("case, match", [
+    ("nan", r"the ID data holds NaN or Inf values"),
+    ("labels_2d", r"labels must be a 1-D array of non-negative integer class indices"),
+    ("labels_fractional", r"labels must be a 1-D array of non-negative integer class indices"),
+    ("length_mismatch", r"data has \d+ samples but labels has \d+"),
+    ("wrong_shape", r"the model fails on a data batch of shape \(\d+, 784\)"),
+    ("few_of_a_class", r"class\(es\) \[3\] have fewer than --min-points=20 samples"),
+    ("no_y", r"expected arrays 'x' and 'y'"),
+])
+def test_bad_fitting_data_is_one_line(user_models, case, match):
+    """The README's 'data problems' rows, through the CLI with an .npz."""
+    from ufad.models import datasets
+
+    x, y = datasets.load("mnist", "valid")
+    x, y = x[:600].copy(), y[:600].copy()
+    arrays = {"x": x, "y": y}
+    if case == "nan":
+        x[5, 0, 3, 3] = np.nan
+    elif case == "labels_2d":
+        arrays["y"] = y.reshape(-1, 1)
+    elif case == "labels_fractional":
+        arrays["y"] = y + 0.5
+    elif case == "length_mismatch":
+        arrays["y"] = y[:-1]
+    elif case == "wrong_shape":
+        arrays["x"] = x.reshape(len(x), -1)
+    elif case == "few_of_a_class":
+        keep = (y != 3) | (np.cumsum(y == 3) <= 5)
+        arrays = {"x": x[keep], "y": y[keep]}
+    else:
+        arrays = {"x": x}
+    np.savez(user_models / "bad.npz", **arrays)
+    res, _ = _export("ufad.models.mnist_cnn:pretrained", "--data", "bad.npz", "-o", "o.onnx")
+    one_line_error(res, match)
+    assert not (user_models / "o.onnx").exists()
+
+
 def test_weights_of_another_model_are_refused(user_models):
     from safetensors.torch import save_file
 
