@@ -18,7 +18,7 @@ onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from filetools import with_metadata as _with_metadata  # noqa: E402
-from ufad.runtime import integrity  # noqa: E402
+from ufad.runtime import integrity, protowire  # noqa: E402
 from ufad.runtime import AnomalySession, ModelFileError  # noqa: E402
 from ufad.runtime.cli import main  # noqa: E402
 
@@ -100,6 +100,10 @@ CASES = {
     "threshold_resealed": (lambda s, d: _resealed(s, d / "tr.onnx", lambda m: m.update(
         {"ufad.threshold": "1e9", "ufad.calibration": json.dumps({**json.loads(m["ufad.calibration"]), "threshold": 1e9})})),
         r"graph's default threshold .* differs from the metadata's"),
+    "duplicate_key": (lambda s, d: _bytes(d / "dk.onnx", s.read_bytes() + protowire.encode_string_entry(
+        "ufad.threshold", "1e9")), r"'ufad.threshold' appears twice"),
+    "downgraded": (lambda s, d: _with_metadata(s, d / "dg.onnx", lambda m: (
+        m.update({"ufad.format_version": "1"}), m.pop("ufad.content_sha256"))), r"graph was written as version 2"),
     "hash_edited": (lambda s, d: _with_metadata(s, d / "he.onnx", lambda m: m.update({"ufad.graph_sha256": "0" * 64})),
                     r"does not match the one recorded"),
     "missing_file": (lambda s, d: d / "nope.onnx", r"no such file"),
