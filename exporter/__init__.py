@@ -1,12 +1,12 @@
 """ufad exporter (needs torch): fit detectors on ID data and export them as one .onnx file."""
 
-from .capture import ActivationCapture, default_layers, module_names
+from .taps import ActivationCapture, Tap, default_layers, module_names, resolve_taps
 from .detector import Detector, DetectorModule
 from .detectors import UniformDetector
 from .onnx_export import ExportReport
 
 __all__ = [
-    "ActivationCapture", "Detector", "DetectorModule", "DETECTORS", "ExportReport",
+    "ActivationCapture", "Tap", "resolve_taps", "Detector", "DetectorModule", "DETECTORS", "ExportReport",
     "UniformDetector", "default_layers", "module_names",
 ]
 

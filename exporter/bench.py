@@ -256,10 +256,10 @@ class HostDetector:
 
     def __init__(self, model, layers: Sequence[str], maps: Sequence[FeatureMap], svms,
                  centres: np.ndarray, scales: np.ndarray, reduction: str = "max"):
-        from .capture import SOFTMAX
-        from .reductions import reduce
+        from .taps import SOFTMAX, Tap
 
-        self.model, self.layers, self.reduction, self._reduce = model, list(layers), reduction, reduce
+        self.model, self.layers, self.reduction = model, list(layers), reduction
+        self._taps = {n: Tap(n, n, "output", reduction) for n in self.layers}
         self.maps, self.svms, self.centres, self.scales = list(maps), svms, centres, scales
         self._acts: dict[str, Any] = {}
         modules = dict(model.named_modules())
@@ -268,7 +268,7 @@ class HostDetector:
 
     def _hook(self, name: str):
         def hook(_module, _inputs, output):
-            self._acts[name] = self._reduce(output, self.reduction)
+            self._acts[name] = self._taps[name].features(output)
         return hook
 
     @classmethod
@@ -306,7 +306,7 @@ class HostDetector:
         """``(logits, pred, score)`` of a float32 batch; higher score = more anomalous."""
         import torch
 
-        from .capture import SOFTMAX
+        from .taps import SOFTMAX
 
         with torch.no_grad():
             logits = self.model(torch.from_numpy(x))

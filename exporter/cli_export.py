@@ -46,6 +46,19 @@ def load_data(data: str, split: str, limit: int | None) -> tuple[np.ndarray, np.
     return x, y, datasets.class_names(name)
 
 
+def _check_inputs(path: str, sample_shape: tuple[int, ...]) -> np.ndarray:
+    """--check-data: an .npy, or an .npz with x, of inputs shaped like the fitting data."""
+    from ufad.runtime.files import load_inputs
+    from ufad.runtime.format import InputSpec
+
+    spec = InputSpec("input", (None, *sample_shape), "float32", None)
+    arrays, _ = load_inputs([path], spec)
+    x = np.asarray(arrays[0], np.float32)
+    if x.shape[1:] != tuple(sample_shape):
+        raise InputError(f"--check-data {path}: inputs of shape {x.shape[1:]}, the data has {tuple(sample_shape)}")
+    return x[:512]
+
+
 def calibration_split(y: np.ndarray, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded, stratified split of sample indices into (fit, calibrate): ``frac`` of every
     class goes to calibration, so a label-sorted file is split as well as a shuffled one."""
@@ -77,10 +90,15 @@ def calibration_split(y: np.ndarray, frac: float, seed: int) -> tuple[np.ndarray
 @click.option("--tpr", default=0.95, show_default=True, type=float, help="Fraction of held-out ID data accepted.")
 @click.option("--limit", default=None, type=int, help="Use only the first N fitting samples.")
 @click.option("--simplify", is_flag=True, help="Run onnxsim, kept only if verified.")
+@click.option("--check-data", default=None,
+              help="Inputs (.npy, or .npz with x) for the torch-vs-onnxruntime parity check (default: 192 "
+                   "held-out ID inputs; 32 noise inputs are always added).")
+@click.option("--parity-rtol", default=1e-4, show_default=True, type=float,
+              help="Largest float difference the parity check accepts, relative to each output's magnitude.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def export_command(model_spec, data, output, weights, calib_data, method, layers, reduction, logits,
-                   range_policy, tpr, limit, simplify, seed, quiet, **method_options):
+                   range_policy, tpr, limit, simplify, check_data, parity_rtol, seed, quiet, **method_options):
     """Fit a detector for MODEL (package.module:factory; this RUNS that code) on ID data
     and write it as one self-contained .onnx file. Method options (below --quiet) come from
     the detectors themselves; each says which methods take it."""
@@ -128,13 +146,13 @@ def export_command(model_spec, data, output, weights, calib_data, method, layers
     torch.manual_seed(seed)
     det.fit(x, y)
     det.calibrate(xc, tpr=tpr, source=f"{calib_data or data} held-out split ({len(xc)} samples)")
-    check = np.concatenate([xc[:192], np.random.default_rng(seed).uniform(
-        float(x.min()), float(x.max()), size=(64, *x.shape[1:])).astype(np.float32)])
-    rep = det.export(output, simplify=simplify, check_inputs=check)
+    check = _check_inputs(check_data, x.shape[1:]) if check_data else xc[:192]
+    rep = det.export(output, simplify=simplify, check_inputs=check, parity_rtol=parity_rtol)
     click.echo(
         f"wrote {rep.path} ({rep.size_bytes / 1e6:.2f} MB): method={method} layers={det.layers} "
         f"threshold={det.threshold:.4f} (ID accept {det.calibration.accepted:.3f} on held-out data), "
-        f"torch/onnxruntime parity {rep.parity_max_rel_diff:.2e} on {rep.parity_samples} inputs"
+        f"torch/onnxruntime parity {rep.parity_max_rel_diff:.2e} on {rep.parity_samples} ID inputs "
+        f"({rep.parity_noise_max_rel_diff:.2e} on noise)"
         f"{', simplified' if rep.simplified else ''}; {time.time() - t0:.1f} s"
     )
     for note in rep.notes:

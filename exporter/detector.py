@@ -23,7 +23,8 @@ from ufad.runtime import format as fmt
 from ufad.runtime.errors import ExportError, opt
 from ufad.runtime.inputs import range_limits
 
-from .capture import SOFTMAX, ActivationCapture, default_layers, resolve_layers, run_model
+from .taps import (MAP_REDUCTIONS, SOFTMAX, ActivationCapture, Tap, default_layers, resolve_layers,
+                   resolve_taps, run_model)
 from .outputs import LogitsKey, parse_key, pick_logits
 from .registry import Option, register
 
@@ -112,14 +113,14 @@ class DetectorModule(nn.Module):
     and are anomalous, so every client of the file applies the rule.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[str], reduction: str, head: nn.Module,
+    def __init__(self, model: nn.Module, taps: Sequence[Tap], head: nn.Module,
                  logits: LogitsKey = None, flag_limits: tuple[float, float] | None = None):
         super().__init__()
         self.model = model
         self.head = head
         self.logits_key = logits
         self.flag_limits = flag_limits
-        self.capture = ActivationCapture(model, layers, reduction)
+        self.capture = ActivationCapture(model, taps)
 
     def forward(self, x: torch.Tensor, threshold: torch.Tensor):
         self.capture.clear()
@@ -221,6 +222,8 @@ class Detector:
         self.layers = None if layers is None else list(layers)
         if self.layers is not None:
             resolve_layers(model, self.layers)
+        if reduction not in MAP_REDUCTIONS:
+            raise ExportError(f"unknown reduction {reduction!r}: {opt('reduction')} must be one of {list(MAP_REDUCTIONS)}")
         self.reduction = reduction
         self.class_names = None if class_names is None else [str(c) for c in class_names]
         self.batch_size = int(batch_size)
@@ -229,6 +232,8 @@ class Detector:
         self.seed = int(seed)
         self.progress = progress
         self.calibration: Calibration | None = None
+        #: held-out ID inputs the export's parity check runs on (set by calibrate)
+        self.check_sample: np.ndarray | None = None
         self.input_shape: tuple[int, ...] | None = None
         self.input_range: tuple[float, float] | None = None
         self.num_classes: int | None = None
@@ -246,9 +251,15 @@ class Detector:
     def _prepare(self, first: torch.Tensor) -> None:
         self.input_shape = tuple(first.shape[1:])
         if self.uses_layers and self.layers is None:
-            self.layers = default_layers(self.model, first)
+            self.layers = self.automatic_layers(first)
         if not self.uses_layers:
             self.layers = []
+        self.taps = resolve_taps(self.model, self.layers, first, self.reduction)
+
+    def automatic_layers(self, example: torch.Tensor) -> list[str]:
+        """The taps used when none are given (``taps.default_layers``; detectors that read
+        fewer or other points override this)."""
+        return default_layers(self.model, example, self.logits)
 
     def _stream(self, data: Data, labels: ArrayLike | None, desc: str):
         """Yield ``(x, y, logits, feats)`` per batch with features captured, no grad."""
@@ -259,7 +270,7 @@ class Detector:
             for x, y in _progress(batches, total, desc, self.progress):
                 if capture is None:
                     self._prepare(x)
-                    capture = ActivationCapture(self.model, self.layers, self.reduction)
+                    capture = ActivationCapture(self.model, self.taps)
                 if tuple(x.shape[1:]) != self.input_shape:
                     raise ExportError(
                         f"batch of shape {tuple(x.shape)} does not match the first batch's "
@@ -337,7 +348,7 @@ class Detector:
     def module(self) -> DetectorModule:
         """The export module (model + capture hooks + head). Call ``.capture.remove()`` when done."""
         self._require_fitted()
-        return DetectorModule(self.model, self.layers, self.reduction, self.head(), self.logits,
+        return DetectorModule(self.model, self.taps, self.head(), self.logits,
                               self._flag_limits()).eval()
 
     def input_spec(self) -> fmt.InputSpec:
@@ -388,6 +399,8 @@ class Detector:
         self._require_fitted()
         check_tpr(tpr)
         scores = self.score(data, threshold=math.inf)[fmt.OUT_SCORE].astype(np.float64)
+        if isinstance(data, (np.ndarray, torch.Tensor)):
+            self.check_sample = np.asarray(data[:192], np.float32)
         finite = scores[np.isfinite(scores)]
         if len(finite) < 20:
             raise ExportError(f"calibration needs at least 20 ID samples with finite scores, got {len(finite)}")
@@ -406,9 +419,9 @@ class Detector:
         self._require_fitted()
         dims = self.dims or []
         layers = tuple(
-            fmt.LayerInfo(name=l, dim=int(d), reduction="none" if l == SOFTMAX else self.reduction,
-                          output=fmt.activation_output_name(l))
-            for l, d in zip(self.layers, dims)
+            fmt.LayerInfo(name=t.spec, dim=int(d), reduction=t.reduction,
+                          output=fmt.activation_output_name(t.spec))
+            for t, d in zip(self.taps, dims)
         )
         cal = self.calibration.to_json() if self.calibration else {
             "threshold": self.threshold, "target_tpr": None, "n_samples": 0,
@@ -422,7 +435,7 @@ class Detector:
             fmt.OUT_IS_ANOMALY: "bool [B]: not (score <= threshold)",
             fmt.OUT_LAYER_SCORES: {"shape": "float32 [B, L]", "columns": self.layer_score_names()},
             "activations": {l.output: f"float32 [B, {l.dim}]: " + (
-                "sqrt(softmax(logits))" if l.name == SOFTMAX else f"{self.reduction}-reduced output of {l.name}")
+                "sqrt(softmax(logits))" if l.name == SOFTMAX else f"{l.reduction}-reduced {l.name}")
                 for l in layers},
         }
         return fmt.FormatInfo(
@@ -433,19 +446,23 @@ class Detector:
         )
 
     def export(self, path: str | Path, *, example: ArrayLike | None = None, simplify: bool = False,
-               check_inputs: ArrayLike | None = None, verbose: bool = False) -> "ExportReport":
+               check_inputs: ArrayLike | None = None, parity_rtol: float = 1e-4,
+               verbose: bool = False) -> "ExportReport":
         """Write the detector as ONE self-contained .onnx file and verify it.
 
-        ``check_inputs`` (default: a few synthetic inputs in the input range) are scored by
-        both the torch reference and onnxruntime; the export fails if they disagree by more
-        than 1e-4 (relative). ``simplify`` runs onnxsim and keeps it only if verified.
+        ``check_inputs`` (default: the first 192 held-out ID inputs given to ``calibrate``) and
+        32 uniform-noise inputs are scored by both the torch reference and onnxruntime; the
+        export fails if verdicts or predictions disagree, or floats differ by more than
+        ``parity_rtol`` (relative to each output's magnitude; 10x that on the noise inputs,
+        whose activations lie far beyond the data's). ``simplify`` runs onnxsim and keeps it
+        only if verified.
         """
         from .onnx_export import export_detector
 
         self._require_fitted()
         self._check_model()
         return export_detector(self, Path(path), example=example, simplify=simplify,
-                               check_inputs=check_inputs, verbose=verbose)
+                               check_inputs=check_inputs, parity_rtol=parity_rtol, verbose=verbose)
 
 
 from .onnx_export import ExportReport  # noqa: E402  (re-export for type hints)

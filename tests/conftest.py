@@ -18,6 +18,17 @@ import pytest
 RUNTIME_DIR = Path(__file__).resolve().parent / "runtime"
 
 
+def pytest_configure(config):
+    # torchvision from the package index cannot load its compiled ops beside the CPU torch;
+    # make its (and timm's) model code importable before anything imports it (pytorch-ood).
+    import importlib.util
+
+    if importlib.util.find_spec("torch") and importlib.util.find_spec("torchvision"):
+        from vision_imports import import_torchvision
+
+        import_torchvision()
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if RUNTIME_DIR in Path(str(item.fspath)).resolve().parents:

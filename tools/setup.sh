@@ -15,6 +15,11 @@ python3 -c "import importlib.util,sys; s=importlib.util.find_spec('mnist'); sys.
 # (which would pull a CUDA torch), so install it without dependencies.
 python3 -c "import importlib.util,sys; sys.exit(0 if importlib.util.find_spec('pytorch_ood') else 1)" 2>/dev/null \
   || $PIP install -q --no-deps pytorch-ood==0.4.0
+# torchvision / timm model code for the model-zoo tests (tests/test_zoo.py). torchvision's
+# metadata wants a torch it would pull as a multi-GB CUDA build, so --no-deps; its compiled
+# ops do not load beside the CPU torch and the tests declare their schemas (tests/vision_imports.py).
+python3 -c "import importlib.util,sys; sys.exit(0 if importlib.util.find_spec('timm') else 1)" 2>/dev/null \
+  || $PIP install -q --no-deps torchvision==0.28.0 timm==1.0.31 huggingface_hub pyyaml
 # Fashion-MNIST: a Debian package.
 if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
   if command -v apt-get >/dev/null; then

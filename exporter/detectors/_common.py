@@ -12,7 +12,7 @@ from torch import nn
 
 from ufad.runtime.errors import ExportError
 
-from ..capture import default_layers
+from ..taps import default_layers
 from ..detector import Detector
 from ..registry import Option
 
@@ -103,10 +103,8 @@ class FeatureDetector(Detector):
             )
         super().__init__(model, chosen, **kwargs)
 
-    def _prepare(self, first: torch.Tensor) -> None:
-        if self.layers is None:
-            self.layers = default_layers(self.model, first)[-1:]
-        super()._prepare(first)
+    def automatic_layers(self, example: torch.Tensor) -> list[str]:
+        return default_layers(self.model, example, self.logits)[-1:]
 
 
 class Subsample:

@@ -38,7 +38,7 @@ from torch import nn
 from ufad.runtime.errors import ExportError, opt
 
 from .. import boundaries
-from ..capture import SOFTMAX
+from ..taps import SOFTMAX
 from ..detector import Detector
 from ..registry import Option
 from ..feature_maps import MAX_WHITEN_DIM, Affine, FeatureMap, LayerMoments
@@ -155,6 +155,9 @@ class UniformHead(nn.Module):
         self.register_buffer("inv_scale", torch.tensor(1.0 / scales.T, dtype=torch.float32))
         self.register_buffer("centre", torch.tensor(centres.T, dtype=torch.float32))
         self.fused = bool(regions) and all(isinstance(r, RBFLayerRegions) for r in regions)
+        #: the small-batch branch (torch.cond); the exporter turns it off for a model whose
+        #: own graph torch.export cannot trace together with a cond (e.g. some RNNs)
+        self.branching = True
         if self.fused:
             self._build_fused(regions, centres)
 
@@ -204,6 +207,8 @@ class UniformHead(nn.Module):
             idx = pred.reshape(1, -1, 1).expand(1, -1, z.shape[2])
             return z.gather(0, idx).reshape(-1, n_layers, m)
 
+        if not self.branching:
+            return matmul_first(pred, *feats)
         return torch.cond(pred.shape[0] <= SMALL_BATCH, gather_first, matmul_first, (pred, *feats))
 
     def _fused_raw(self, pred: torch.Tensor, feats: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -280,11 +285,8 @@ class UniformDetector(Detector):
         self.boundary_threshold: float | None = None
         self._head: UniformHead | None = None
 
-    def _prepare(self, first: torch.Tensor) -> None:
-        default = self.layers is None
-        super()._prepare(first)
-        if default:
-            self.layers = [*self.layers, SOFTMAX]
+    def automatic_layers(self, example: torch.Tensor) -> list[str]:
+        return [*super().automatic_layers(example), SOFTMAX]
 
     def _whitened(self, dims: Sequence[int]) -> list[bool]:
         modules = [i for i, l in enumerate(self.layers) if l != SOFTMAX]

@@ -36,6 +36,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "triton": ("ufad.runtime.triton", "triton_command", "Write a Triton model repository for a detector."),
     "export": ("ufad.exporter.cli_export", "export_command",
                "Fit a detector for a PyTorch MODEL on ID data and write one .onnx file."),
+    "layers": ("ufad.exporter.cli_layers", "layers_command",
+               "List a PyTorch MODEL's modules and the layers ufad would monitor."),
     "demo": ("ufad.exporter.demo", "demo_command",
              "Export the reference MNIST detector and score real, noise and adversarial inputs."),
     "eval": ("ufad.exporter.evaluate_cli", "eval_command",

@@ -1,0 +1,69 @@
+"""``ufad layers``: every module a detector could tap, with its output, and the automatic choice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import numpy as np
+
+from ufad.runtime.errors import InputError, opt
+
+
+def _example(data: str | None, input_shape: str | None) -> np.ndarray:
+    if input_shape:
+        try:
+            shape = tuple(int(d) for d in input_shape.split(","))
+        except ValueError:
+            raise InputError(f"{opt('input_shape')} must be comma-separated integers such as 3,32,32, "
+                             f"got {input_shape!r}") from None
+        return np.random.default_rng(0).uniform(0, 1, (2, *shape)).astype(np.float32)
+    if not data:
+        raise InputError(f"pass {opt('data')} (a dataset name or an .npz with x) or {opt('input_shape')} "
+                         "so the model can be run once.")
+    from .cli_export import load_data
+
+    x, _, _ = load_data(data, "train", 2)
+    return x[:2]
+
+
+@click.command("layers")
+@click.argument("model_spec", metavar="MODEL")
+@click.option("--data", default=None, help="ID data to probe with: built-in dataset or an .npz with x, y.")
+@click.option("--input-shape", default=None, help="Or the shape of one input, e.g. 3,32,32.")
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--logits", default=None, metavar="INDEX|KEY", help="Which output holds the logits.")
+@click.option("--all", "show_all", is_flag=True, help="Also list lone activations, norms, pools and dropout.")
+def layers_command(model_spec, data, input_shape, weights, logits, show_all):
+    """List the modules of MODEL (package.module:factory; this RUNS that code) with their
+    output shape and kind, and mark the layers ufad export picks automatically (*)."""
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from .model_loading import load_factory, load_weights
+    from .outputs import parse_key
+    from .taps import _LONE_OPS, DEFAULTS, choose
+
+    x = _example(data, input_shape)
+    model = load_factory(model_spec)
+    if weights:
+        load_weights(model, weights)
+    model.eval()
+    c = choose(model, torch.from_numpy(x), parse_key(logits))
+    chosen = c.layers
+    table = Table(title=f"{model_spec}: {c.family} (automatic: {', '.join(chosen) or 'none'}, then @sqrt_softmax)")
+    for col in ("", "module", "type", "output", "kind", "reduction"):
+        table.add_column(col)
+    seen = set()
+    for r in sorted(c.records, key=lambda r: r.order):
+        if r.name in seen or (not show_all and isinstance(r.module, _LONE_OPS) and r.name not in chosen):
+            continue
+        seen.add(r.name)
+        shape = "x".join(str(d) for d in r.out_shape[1:]) if r.out_shape else r.out_type
+        table.add_row("*" if r.name in chosen else "", r.name, type(r.module).__name__, shape,
+                      r.kind or "-", DEFAULTS.get(r.kind or "", "-"))
+    for spec in chosen:
+        if spec.endswith("#in"):
+            table.add_row("*", spec, "(input of the head)", "", "vector", "none")
+    Console().print(table)

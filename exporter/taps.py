@@ -1,0 +1,477 @@
+"""Taps: the points of a model that a detector monitors, how each becomes one feature vector,
+and which ones are chosen automatically. The one place that knows model structure.
+
+A tap is named by a spec string:
+
+- ``"layer3"``: the output of module ``layer3``;
+- ``"fc#in"``: the input of module ``fc`` (e.g. the penultimate features, when the model
+  computes them with a function rather than a module);
+- ``"...:reduction"``: with a named reduction instead of the one chosen for its output kind;
+- ``"@sqrt_softmax"``: the classifier's output distribution, ``sqrt(softmax(logits))`` (its
+  Hellinger embedding; not a module, so computed from the logits; ``@`` cannot start a
+  module name).
+
+Output kinds and their reductions to ``[B, D]`` (per channel, never per position):
+
+| kind | shape | reductions (default first) |
+|---|---|---|
+| ``vector`` | ``[B, D]`` | ``none`` |
+| ``map`` | ``[B, C, H, W]``, ``[B, C, T]`` (conv / pool / 1-D conv outputs) | ``max`` (per-channel max over space or time; the detector's ``reduction``), ``mean``, ``flatten`` |
+| ``tokens`` | ``[B, N, D]`` (transformer blocks, norms, embeddings) | ``tokens_mean``, ``tokens_max``, ``cls`` (token 0) |
+| ``sequence`` | RNN / GRU / LSTM output (batch-first or not) | ``last`` (last step), ``tokens_max`` (max over time) |
+
+The same hooks run eagerly (fitting, the torch reference) and under ``torch.onnx.export``
+(non-strict tracing runs them as plain Python), so both see the same tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ufad.runtime.errors import ExportError, opt
+
+SOFTMAX = "@sqrt_softmax"
+MAP_REDUCTIONS = ("max", "mean", "flatten")
+TOKEN_REDUCTIONS = ("tokens_mean", "tokens_max", "cls")
+SEQUENCE_REDUCTIONS = ("last", "tokens_max")
+REDUCTIONS = ("none", *MAP_REDUCTIONS, *TOKEN_REDUCTIONS, "last")
+DEFAULTS = {"vector": "none", "map": "max", "tokens": "tokens_mean", "sequence": "last"}
+ALLOWED = {"vector": ("none",), "map": MAP_REDUCTIONS, "tokens": TOKEN_REDUCTIONS,
+           "sequence": SEQUENCE_REDUCTIONS}
+#: at most this many hidden taps of one family are chosen automatically
+MAX_AUTO_STAGES = 4
+
+_CHANNEL_FIRST_1D = (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d,
+                     nn.AdaptiveMaxPool1d, nn.InstanceNorm1d, nn.ConvTranspose1d)
+_TOKEN_MAKERS = (nn.Linear, nn.LayerNorm, nn.MultiheadAttention, nn.Embedding,
+                 nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+#: modules that never make a tap on their own: one operation, no new features
+_LONE_OPS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
+             nn.LeakyReLU, nn.ELU, nn.Mish, nn.Softmax, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+             nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.batchnorm._BatchNorm,
+             nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm,
+             nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+             nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Tanh, nn.LeakyReLU, nn.ELU,
+                nn.Mish, nn.Sigmoid)
+
+
+def module_names(model: nn.Module) -> list[str]:
+    """Every named submodule of ``model`` (the names a tap spec accepts, with ``SOFTMAX``)."""
+    return [n for n, _ in model.named_modules() if n]
+
+
+@dataclass(frozen=True)
+class Tap:
+    """One monitored point: ``spec`` as given, the module, input or output, the reduction."""
+
+    spec: str
+    module: str
+    point: str = "output"      # "output" | "input"
+    reduction: str | None = None
+    time_major: bool = False   # an RNN without batch_first: [T, B, H]
+
+    @property
+    def is_softmax(self) -> bool:
+        return self.spec == SOFTMAX
+
+    def features(self, t: torch.Tensor) -> torch.Tensor:
+        """Reduce the tapped tensor to ``[B, D]`` float32 with this tap's reduction."""
+        how = self.reduction
+        if t.dim() == 2 or how == "none":
+            return t.float()
+        if how == "flatten":
+            return t.flatten(1).float()
+        if how in ("max", "mean"):
+            dims = tuple(range(2, t.dim()))
+            return (t.amax(dim=dims) if how == "max" else t.mean(dim=dims)).float()
+        if self.time_major:
+            t = t.transpose(0, 1)
+        if how == "last":
+            return t[:, -1].float()
+        if how == "cls":
+            return t[:, 0].float()
+        return (t.mean(dim=1) if how == "tokens_mean" else t.amax(dim=1)).float()
+
+
+def parse_spec(spec: str) -> Tap:
+    """``"name[#in][:reduction]"`` -> Tap (reduction None: chosen by the output's kind)."""
+    if spec == SOFTMAX:
+        return Tap(SOFTMAX, "", "output", "none")
+    name, _, red = spec.partition(":")
+    point = "output"
+    if name.endswith("#in"):
+        name, point = name[:-3], "input"
+    if red and red not in REDUCTIONS:
+        raise ExportError(f"tap {spec!r}: unknown reduction {red!r}; choose one of {list(REDUCTIONS)}")
+    return Tap(spec, name, point, red or None)
+
+
+def resolve_layers(model: nn.Module, layers: Sequence[str]) -> list[nn.Module | None]:
+    """Look up the modules of tap specs (None for ``SOFTMAX``); unknown names raise an
+    ExportError listing valid ones."""
+    modules = dict(model.named_modules())
+    taps = [parse_spec(l) for l in layers]
+    unknown = [t.spec for t in taps if not t.is_softmax and (not t.module or t.module not in modules)]
+    if unknown:
+        valid = module_names(model)
+        shown = ", ".join(valid[:60]) + (f" ... ({len(valid)} in all; `ufad layers MODEL` lists them)"
+                                         if len(valid) > 60 else "")
+        raise ExportError(f"unknown layer name(s) {unknown}. Valid module names: {shown} "
+                          f"(and {SOFTMAX!r}, sqrt(softmax(logits)); append '#in' for a module's input)")
+    if len(set(layers)) != len(layers):
+        raise ExportError(f"layer names must be unique, got {list(layers)}")
+    return [None if t.is_softmax else modules[t.module] for t in taps]
+
+
+def run_model(model: nn.Module, x: torch.Tensor) -> Any:
+    """``model(x)``, with a failure on the data (typically a wrong input shape) turned into
+    an ExportError that says what was passed."""
+    try:
+        return model(x)
+    except ExportError:
+        raise
+    except Exception as e:
+        msg = str(e).strip().splitlines()
+        raise ExportError(
+            f"the model fails on a data batch of shape {tuple(x.shape)} "
+            f"({type(e).__name__}: {msg[0][:300] if msg else ''}); pass data shaped like the "
+            "model's training input, [N, C, H, W] for a CNN."
+        ) from e
+
+
+# ----------------------------------------------------------------------- the probe pass
+@dataclass
+class Record:
+    """What one module call looked like in the probe pass."""
+
+    name: str
+    module: nn.Module
+    order: int
+    depth: int
+    out_shape: tuple[int, ...] | None       # None: not a tensor (RNN tuples are unwrapped)
+    out_id: int | None
+    in_ids: tuple[int, ...]
+    in_shape: tuple[int, ...] | None
+    kind: str | None = None
+    out_type: str = "Tensor"
+
+    @property
+    def is_container(self) -> bool:
+        return any(True for _ in self.module.children())
+
+
+def _tensor_of(module: nn.Module, out: Any) -> torch.Tensor | None:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(module, nn.RNNBase) and isinstance(out, tuple) and isinstance(out[0], torch.Tensor):
+        return out[0]            # (output, h_n): the output sequence
+    return None
+
+
+def _has(module: nn.Module, types: tuple) -> bool:
+    return any(isinstance(m, types) for m in module.modules())
+
+
+def _kind(module: nn.Module, t: torch.Tensor) -> str:
+    if isinstance(module, nn.RNNBase):
+        return "sequence"
+    if t.dim() == 2:
+        return "vector"
+    if t.dim() != 3:
+        return "map"
+    if _has(module, _CHANNEL_FIRST_1D):
+        return "map"
+    if _has(module, _TOKEN_MAKERS + (nn.RNNBase,)):
+        return "tokens"
+    return ""                    # a parameter-free op: decided from its neighbours
+
+
+def probe(model: nn.Module, example: torch.Tensor) -> tuple[list[Record], Any]:
+    """Run ``model(example)`` once with a hook on every module; return one Record per module
+    call (in the order calls finish) and the model's output."""
+    records: list[Record] = []
+    keep: list[Any] = []    # holds every tensor seen, so their ids stay unique during the pass
+    handles = []
+    for name, mod in model.named_modules():
+        if not name:
+            continue
+
+        def hook(m, inputs, out, name=name):
+            t = _tensor_of(m, out)
+            keep.append((inputs, out))
+            ins = tuple(id(i) for i in inputs if isinstance(i, torch.Tensor))
+            first = next((i for i in inputs if isinstance(i, torch.Tensor)), None)
+            records.append(Record(
+                name, m, len(records), name.count(".") + 1,
+                None if t is None else tuple(t.shape), None if t is None else id(t), ins,
+                None if first is None else tuple(first.shape), None if t is None else _kind(m, t),
+                type(out).__name__))
+        handles.append(mod.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            out = run_model(model, example)
+    finally:
+        for h in handles:
+            h.remove()
+    last_kind: dict[tuple[int, ...], str] = {}
+    for r in records:  # parameter-free 3-D ops inherit the kind of what made that shape
+        if r.kind == "":
+            r.kind = last_kind.get(r.out_shape, "map")
+        if r.out_shape is not None:
+            last_kind[r.out_shape] = r.kind
+    return records, out
+
+
+def resolve_taps(model: nn.Module, layers: Sequence[str], example: torch.Tensor,
+                 map_reduction: str = "max") -> list[Tap]:
+    """Tap specs -> Taps with their reduction settled by the kind of what they see."""
+    if map_reduction not in MAP_REDUCTIONS:
+        raise ExportError(f"{opt('reduction')} must be one of {list(MAP_REDUCTIONS)}, got {map_reduction!r}")
+    resolve_layers(model, layers)
+    records, _ = probe(model, example)
+    by_name = {r.name: r for r in records}
+    taps = []
+    for spec in layers:
+        tap = parse_spec(spec)
+        if tap.is_softmax:
+            taps.append(tap)
+            continue
+        rec = by_name.get(tap.module)
+        if rec is None:
+            raise ExportError(
+                f"layer {tap.module!r} was not called during the forward pass; monitor modules "
+                "that the model's forward() actually runs.")
+        if tap.point == "input":
+            if rec.in_shape is None:
+                raise ExportError(f"tap {spec!r}: module {tap.module!r} takes no tensor input.")
+            kind = {2: "vector", 3: "tokens" if rec.kind in ("tokens", "sequence", "vector") else "map"}.get(
+                len(rec.in_shape), "map")
+        else:
+            if rec.out_shape is None:
+                raise ExportError(
+                    f"layer {tap.module!r} returns {rec.out_type}, not a tensor; monitor a module "
+                    "whose output is a single tensor (e.g. a submodule of it).")
+            kind = rec.kind
+        shape = rec.in_shape if tap.point == "input" else rec.out_shape
+        if len(shape) < 2 or len(shape) > 5:
+            raise ExportError(f"layer {spec!r} gives a tensor of shape {shape}; expected [B, D] or "
+                              "a feature map / token sequence [B, ...].")
+        red = tap.reduction or (map_reduction if kind == "map" else DEFAULTS[kind])
+        if red not in ALLOWED[kind] and red != "flatten":
+            raise ExportError(f"tap {spec!r}: reduction {red!r} does not fit a {kind} output of shape "
+                              f"{shape}; choose one of {list(ALLOWED[kind])}.")
+        time_major = kind == "sequence" and not getattr(rec.module, "batch_first", True)
+        taps.append(Tap(spec, tap.module, tap.point, red, time_major))
+    return taps
+
+
+# ----------------------------------------------------------------------- automatic choice
+@dataclass(frozen=True)
+class Choice:
+    """The automatic taps of a model and what was considered."""
+
+    hidden: list[str]
+    penultimate: str | None
+    records: list[Record]
+    family: str
+
+    @property
+    def layers(self) -> list[str]:
+        out = list(self.hidden)
+        if self.penultimate and self.penultimate not in out:
+            out.append(self.penultimate)
+        return out
+
+
+def _evenly(items: list, k: int) -> list:
+    """``k`` items spread over ``items``: the ends of ``k`` equal parts (the last included)."""
+    if len(items) <= k:
+        return list(items)
+    idx = sorted({math.ceil((i + 1) * len(items) / k) - 1 for i in range(k)})
+    return [items[i] for i in idx]
+
+
+def _head(records: list[Record], logits: torch.Tensor) -> tuple[str | None, float]:
+    """The penultimate tap (the input of the innermost module producing the logits: the
+    output of the module that last made that tensor, else ``head#in``) and the probe order
+    before which hidden taps must lie."""
+    makers = [r for r in records if r.out_id == id(logits)]
+    if not makers:
+        return None, math.inf
+    head = max(makers, key=lambda r: (r.depth, -r.order))      # the innermost module
+    if not head.in_ids:
+        return None, head.order
+    feeders = [r for r in records if r.out_id == head.in_ids[0] and r.order < head.order]
+    useful = [r for r in feeders if not isinstance(r.module, (nn.Dropout, nn.Identity, nn.Flatten))]
+    first = min((r.order for r in feeders), default=head.order)
+    if useful:
+        # the last module to finish with that tensor: after in-place activations, outermost
+        return max(useful, key=lambda r: r.order).name, first
+    return f"{head.name}#in", first
+
+
+def _stages(records: list[Record], x_shape: tuple[int, ...], head_order: int) -> list[str]:
+    """Conv nets (2-D or 1-D): one tap per stage of the network's spine, where resolution or
+    width changes, at the last block of the stage; never a lone activation / norm / pool /
+    dropout; the stem (the first stage) only in shallow nets.
+
+    The spine is the module whose children run the network one after the other: the model
+    itself, or, through wrappers (a normaliser in front, a ``features`` Sequential), the one
+    container that holds all its feature maps."""
+    last = {r.name: r for r in records if r.order < head_order}    # a module called twice: its last call
+
+    def map_children(parent: str) -> list[Record]:
+        prefix = parent + "." if parent else ""
+        kids = [r for n, r in last.items() if n.startswith(prefix) and "." not in n[len(prefix):]]
+        return sorted((r for r in kids if r.kind == "map" and r.out_shape != x_shape
+                       and not isinstance(r.module, _LONE_OPS)), key=lambda r: r.order)
+
+    def holders(parent: str) -> list[str]:   # children whose subtree makes the feature maps
+        prefix = parent + "." if parent else ""
+        names = {n[len(prefix):].split(".")[0] for n, r in last.items()
+                 if n.startswith(prefix) and r.kind == "map" and "." in n[len(prefix):]}
+        return [prefix + n for n in sorted(names)]
+
+    spine, kids = "", map_children("")
+    while True:
+        if len(kids) == 1 and kids[0].is_container and map_children(kids[0].name):
+            spine = kids[0].name
+        elif not kids and len(holders(spine)) == 1:   # e.g. Sequential(Normalize(), net)
+            spine = holders(spine)[0]
+        else:
+            break
+        kids = map_children(spine)
+    picks: list[Record] = []
+    for r in kids:   # consecutive children with the same output shape form one stage
+        if picks and picks[-1].out_shape[1:] == r.out_shape[1:]:
+            picks[-1] = r
+        else:
+            picks.append(r)
+    if len(picks) >= 5 or (len(picks) >= 3 and not picks[0].is_container):
+        picks = picks[1:]                                            # the stem
+    return [p.name for p in _evenly(picks, MAX_AUTO_STAGES)]
+
+
+def _blocks(records: list[Record], head_order: int) -> list[str]:
+    """Transformers: a few evenly spaced block outputs plus the final norm."""
+    toks = [r for r in records if r.kind == "tokens" and r.order < head_order]
+    if not toks:
+        return []
+    by_parent: dict[str, list[Record]] = {}
+    for r in toks:
+        parent, _, leaf = r.name.rpartition(".")
+        if leaf.isdigit() and r.is_container:
+            by_parent.setdefault(parent, []).append(r)
+    if not by_parent:
+        return []
+    seq = max(by_parent.values(), key=len)                             # the block stack
+    picks = [r.name for r in _evenly(seq, 3)]
+    end = max(r.order for r in seq)
+    norms = [r for r in toks if r.order > end and isinstance(r.module, nn.LayerNorm)]
+    if norms:
+        picks.append(norms[-1].name)
+    return picks
+
+
+def _hidden_vectors(records: list[Record], head_order: int, penultimate: str | None) -> list[str]:
+    """MLPs: the hidden activations before the head (the last three)."""
+    acts = [r for r in records if r.kind == "vector" and r.order < head_order
+            and isinstance(r.module, _ACTIVATIONS) and r.name != penultimate]
+    return [r.name for r in acts[-3:]]
+
+
+def _sequences(records: list[Record], head_order: int) -> list[str]:
+    return [r.name for r in records if r.kind == "sequence" and r.order < head_order]
+
+
+def choose(model: nn.Module, example: torch.Tensor, logits_key: Any = None) -> Choice:
+    """The automatic taps of ``model`` (decided by one probe pass on ``example``)."""
+    from .outputs import pick_logits
+
+    records, out = probe(model, example)
+    logits = pick_logits(out, logits_key)
+    pen, head_order = _head(records, logits)
+    x_shape = tuple(example.shape)
+    hidden = _sequences(records, head_order)
+    family = "rnn" if hidden else ""
+    if not hidden:
+        hidden = _blocks(records, head_order)
+        family = "transformer" if hidden else ""
+    if not hidden:
+        hidden = _stages(records, x_shape, head_order)
+        family = "cnn" if hidden else ""
+    if not hidden:
+        hidden = _hidden_vectors(records, head_order, pen)
+        family = "mlp" if hidden else "unknown"
+    return Choice(hidden=hidden, penultimate=pen, records=records, family=family)
+
+
+def default_layers(model: nn.Module, example: torch.Tensor, logits_key: Any = None) -> list[str]:
+    """The automatic taps: hidden stages / blocks / activations, then the penultimate
+    features. Warns (one line) when fewer than two hidden taps are found."""
+    c = choose(model, example, logits_key)
+    layers = c.layers
+    if not layers:
+        raise ExportError(
+            "could not pick layers automatically: no module output feeds the logits. Pass "
+            f"{opt('layers')} explicitly (`ufad layers MODEL` lists the candidates).")
+    if len(layers) < 2:
+        warnings.warn(f"ufad: only {len(layers)} hidden tap found automatically ({layers}); "
+                      f"pass {opt('layers')} for a stronger detector (`ufad layers MODEL` lists candidates).",
+                      UserWarning, stacklevel=3)
+    return layers
+
+
+def _with_default(tap: Tap, reduction: str) -> Tap:
+    return tap if tap.reduction else Tap(tap.spec, tap.module, tap.point, reduction, tap.time_major)
+
+
+class ActivationCapture:
+    """Forward hooks on the taps' modules; ``collect(logits)`` returns their ``[B, D]``
+    features of the last forward pass, in tap order (``SOFTMAX`` computed from the logits)."""
+
+    def __init__(self, model: nn.Module, taps: Sequence[Tap | str], reduction: str = "max"):
+        # Spec strings get ``reduction`` for maps (fine for CNNs); use resolve_taps for
+        # models whose outputs are tokens or sequences.
+        self.taps = [t if isinstance(t, Tap) else _with_default(parse_spec(t), reduction) for t in taps]
+        self.layers = [t.spec for t in self.taps]
+        self._out: dict[str, torch.Tensor] = {}
+        self._handles = []
+        for tap, mod in zip(self.taps, resolve_layers(model, self.layers)):
+            if mod is not None:
+                self._handles.append(mod.register_forward_hook(self._hook(tap)))
+
+    def _hook(self, tap: Tap):
+        def hook(_module, inputs, output):
+            t = inputs[0] if tap.point == "input" else _tensor_of(_module, output)
+            if not isinstance(t, torch.Tensor):
+                raise ExportError(
+                    f"layer {tap.module!r} returns {type(output).__name__}, not a tensor; monitor a "
+                    "module whose output is a single tensor (e.g. a submodule of it).")
+            self._out[tap.spec] = tap.features(t)
+        return hook
+
+    def collect(self, logits: torch.Tensor) -> list[torch.Tensor]:
+        missing = [t.spec for t in self.taps if not t.is_softmax and t.spec not in self._out]
+        if missing:
+            raise ExportError(
+                f"layer(s) {missing} were not called during the forward pass; monitor modules "
+                "that the model's forward() actually runs.")
+        return [torch.sqrt(torch.softmax(logits.float(), dim=1)) if t.is_softmax else self._out[t.spec]
+                for t in self.taps]
+
+    def clear(self) -> None:
+        self._out.clear()
+
+    def remove(self) -> None:
+        """Remove the hooks from the model."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()

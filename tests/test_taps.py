@@ -1,0 +1,104 @@
+"""Taps: each output kind is reduced per channel, the automatic choice finds the stages /
+blocks / activations of each family and the penultimate features by following the logits,
+and ``ufad layers`` shows it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+from ufad.exporter.taps import Tap, choose, parse_spec, resolve_taps  # noqa: E402
+from ufad.runtime import ExportError  # noqa: E402
+from ufad.runtime.cli import main  # noqa: E402
+from vision_imports import import_timm, import_torchvision  # noqa: E402
+
+
+class Tokens(nn.Module):
+    """A tiny transformer classifier: patch embedding, 4 encoder blocks, final norm, head."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.embed = nn.Linear(16, d)
+        self.blocks = nn.Sequential(*[nn.TransformerEncoderLayer(d, 4, 64, batch_first=True, dropout=0.0)
+                                      for _ in range(4)])
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, x):                      # x [B, 16 patches, 16]
+        return self.head(self.norm(self.blocks(self.embed(x))).mean(1))
+
+
+class SeqFirst(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(8, 24)              # time-major: [T, B, H]
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x):                      # x [B, T, 8]
+        out, _ = self.rnn(x.transpose(0, 1))
+        return self.fc(out[-1])
+
+
+def test_token_outputs_are_reduced_per_channel_not_per_token():
+    model = Tokens().eval()
+    x = torch.rand(3, 16, 16)
+    taps = resolve_taps(model, ["blocks.1", "norm", "blocks.3:cls", "head#in"], x)
+    assert [t.reduction for t in taps] == ["tokens_mean", "tokens_mean", "cls", "none"]
+    with torch.no_grad():
+        h = model.norm(model.blocks(model.embed(x)))
+    np.testing.assert_allclose(taps[1].features(h).numpy(), h.mean(1).numpy(), rtol=1e-6)
+    assert taps[1].features(h).shape == (3, 32)               # D channels, not N tokens
+    c = choose(model, x)
+    assert c.family == "transformer" and c.layers == ["blocks.1", "blocks.2", "blocks.3", "norm", "head#in"]
+
+
+def test_1d_maps_and_time_major_sequences():
+    conv = nn.Sequential(nn.Conv1d(2, 8, 3), nn.ReLU(), nn.Conv1d(8, 16, 3), nn.AdaptiveAvgPool1d(1),
+                         nn.Flatten(), nn.Linear(16, 4)).eval()
+    x = torch.rand(5, 2, 40)
+    (tap,) = resolve_taps(conv, ["2"], x)
+    assert tap.reduction == "max" and tap.features(torch.rand(5, 16, 36)).shape == (5, 16)
+    seq = SeqFirst().eval()
+    (tap,) = resolve_taps(seq, ["rnn"], torch.rand(5, 7, 8))
+    assert tap.reduction == "last" and tap.time_major
+    out = torch.rand(7, 5, 24)
+    np.testing.assert_array_equal(tap.features(out).numpy(), out[-1].numpy())
+    assert choose(seq, torch.rand(5, 7, 8)).layers == ["rnn", "fc#in"]
+
+
+def test_bad_specs_are_clear():
+    model = Tokens().eval()
+    with pytest.raises(ExportError, match="unknown reduction 'median'"):
+        parse_spec("norm:median")
+    with pytest.raises(ExportError, match=r"reduction 'max' does not fit a tokens output"):
+        resolve_taps(model, ["norm:max"], torch.rand(2, 16, 16))
+    with pytest.raises(ExportError, match=r"unknown layer name\(s\) \['nope'\]"):
+        resolve_taps(model, ["nope"], torch.rand(2, 16, 16))
+    assert Tap("x", "x", reduction="none").features(torch.ones(2, 3)).shape == (2, 3)
+
+
+def test_torchvision_and_timm_families():
+    tv, timm = import_torchvision(), import_timm()
+    if tv is None or timm is None:
+        pytest.skip("torchvision / timm not installed")
+    x = torch.rand(2, 3, 32, 32)
+    r = choose(tv.models.resnet18(num_classes=10).eval(), x)
+    assert r.layers == ["layer1", "layer2", "layer3", "layer4", "fc#in"]        # no stem, no pools
+    m = choose(tv.models.mobilenet_v3_small(num_classes=10).eval(), x)
+    assert m.layers == ["features.3", "features.6", "features.11", "features.12", "classifier.1"]
+    v = choose(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32,
+                                 patch_size=8).eval(), x)
+    assert v.layers == ["blocks.3", "blocks.7", "blocks.11", "norm", "head#in"]
+
+
+def test_ufad_layers_marks_the_automatic_choice():
+    res = CliRunner().invoke(main, ["layers", "ufad.models.mnist_cnn:pretrained", "--input-shape", "1,28,28"])
+    assert res.exit_code == 0, res.output
+    marked = [line.split("│")[2].strip() for line in res.stdout.splitlines() if line.startswith("│ *")]
+    assert marked == ["block1", "block2", "block3", "penultimate"], res.stdout
+    res = CliRunner().invoke(main, ["layers", "ufad.models.mnist_cnn:pretrained"])
+    assert res.exit_code == 2 and "--input-shape" in res.stderr
