@@ -1,6 +1,7 @@
 """ufad exporter (needs torch): fit detectors on ID data and export them as one .onnx file."""
 
-from .taps import ActivationCapture, Tap, default_layers, module_names, resolve_taps
+from .auto_layers import default_layers
+from .taps import ActivationCapture, Tap, module_names, resolve_taps
 from .detector import Detector, DetectorModule
 from .detectors import UniformDetector
 from .onnx_export import ExportReport

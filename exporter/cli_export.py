@@ -12,7 +12,7 @@ from ufad.runtime.errors import ExportError, InputError, opt
 from ufad.runtime.files import check_output_path
 
 from . import registry
-from .detector import check_labels
+from .data import check_labels
 
 
 def load_data(data: str, split: str, limit: int | None) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
@@ -104,7 +104,7 @@ def export_command(model_spec, data, output, weights, calib_data, method, layers
     the detectors themselves; each says which methods take it."""
     import torch
 
-    from .detector import check_tpr
+    from .data import check_tpr
     from .model_loading import load_factory, load_weights
 
     cls = registry.get(method)

@@ -43,7 +43,8 @@ def layers_command(model_spec, data, input_shape, weights, logits, show_all):
 
     from .model_loading import load_factory, load_weights
     from .outputs import parse_key
-    from .taps import _LONE_OPS, DEFAULTS, choose
+    from .auto_layers import choose
+    from .taps import DEFAULTS, LONE_OPS
 
     x = _example(data, input_shape)
     model = load_factory(model_spec)
@@ -57,7 +58,7 @@ def layers_command(model_spec, data, input_shape, weights, logits, show_all):
         table.add_column(col)
     seen = set()
     for r in sorted(c.records, key=lambda r: r.order):
-        if r.name in seen or (not show_all and isinstance(r.module, _LONE_OPS) and r.name not in chosen):
+        if r.name in seen or (not show_all and isinstance(r.module, LONE_OPS) and r.name not in chosen):
             continue
         seen.add(r.name)
         shape = "x".join(str(d) for d in r.out_shape[1:]) if r.out_shape else r.out_type

@@ -11,7 +11,8 @@ from click.testing import CliRunner
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
-from ufad.exporter.taps import Tap, choose, parse_spec, resolve_taps  # noqa: E402
+from ufad.exporter.auto_layers import choose  # noqa: E402
+from ufad.exporter.taps import Tap, parse_spec, resolve_taps  # noqa: E402
 from ufad.runtime import ExportError  # noqa: E402
 from ufad.runtime.cli import main  # noqa: E402
 from vision_imports import import_timm, import_torchvision  # noqa: E402

@@ -12,7 +12,7 @@ from torch import nn
 
 from ufad.runtime.errors import ExportError
 
-from ..taps import default_layers
+from ..auto_layers import default_layers
 from ..detector import Detector
 from ..registry import Option
 

@@ -1,0 +1,186 @@
+"""The automatic choice of taps: one probe pass over the whole module tree, then per family.
+
+- conv nets (2-D and 1-D): one tap per stage of the network's spine, where resolution or
+  width changes, at most ``MAX_AUTO_STAGES``; never a lone activation / norm / pool /
+  dropout; the stem only in shallow nets;
+- transformers: three evenly spaced block outputs and the final norm;
+- RNNs: the recurrent module's output;
+- MLPs: the hidden activations before the head;
+- always: the penultimate features, found by following the logits tensor back to the input
+  of the module that produced it (wrappers such as a normaliser in front are descended into).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ufad.runtime.errors import ExportError, opt
+
+from .taps import LONE_OPS, Record, probe
+
+#: at most this many hidden taps of one family are chosen automatically
+MAX_AUTO_STAGES = 4
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Tanh, nn.LeakyReLU, nn.ELU,
+                nn.Mish, nn.Sigmoid)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The automatic taps of a model and what was considered."""
+
+    hidden: list[str]
+    penultimate: str | None
+    records: list[Record]
+    family: str
+
+    @property
+    def layers(self) -> list[str]:
+        out = list(self.hidden)
+        if self.penultimate and self.penultimate not in out:
+            out.append(self.penultimate)
+        return out
+
+
+def _evenly(items: list, k: int) -> list:
+    """``k`` items spread over ``items``: the ends of ``k`` equal parts (the last included)."""
+    if len(items) <= k:
+        return list(items)
+    idx = sorted({math.ceil((i + 1) * len(items) / k) - 1 for i in range(k)})
+    return [items[i] for i in idx]
+
+
+def _head(records: list[Record], logits: torch.Tensor) -> tuple[str | None, float]:
+    """The penultimate tap (the input of the innermost module producing the logits: the
+    output of the module that last made that tensor, else ``head#in``) and the probe order
+    before which hidden taps must lie."""
+    makers = [r for r in records if r.out_id == id(logits)]
+    if not makers:
+        return None, math.inf
+    head = max(makers, key=lambda r: (r.depth, -r.order))      # the innermost module
+    if not head.in_ids:
+        return None, head.order
+    feeders = [r for r in records if r.out_id == head.in_ids[0] and r.order < head.order]
+    useful = [r for r in feeders if not isinstance(r.module, (nn.Dropout, nn.Identity, nn.Flatten))]
+    first = min((r.order for r in feeders), default=head.order)
+    if useful:
+        # the last module to finish with that tensor: after in-place activations, outermost
+        return max(useful, key=lambda r: r.order).name, first
+    return f"{head.name}#in", first
+
+
+def _stages(records: list[Record], x_shape: tuple[int, ...], head_order: int) -> list[str]:
+    """Conv nets (2-D or 1-D): one tap per stage of the network's spine, where resolution or
+    width changes, at the last block of the stage; never a lone activation / norm / pool /
+    dropout; the stem (the first stage) only in shallow nets.
+
+    The spine is the module whose children run the network one after the other: the model
+    itself, or, through wrappers (a normaliser in front, a ``features`` Sequential), the one
+    container that holds all its feature maps."""
+    last = {r.name: r for r in records if r.order < head_order}    # a module called twice: its last call
+
+    def map_children(parent: str) -> list[Record]:
+        prefix = parent + "." if parent else ""
+        kids = [r for n, r in last.items() if n.startswith(prefix) and "." not in n[len(prefix):]]
+        return sorted((r for r in kids if r.kind == "map" and r.out_shape != x_shape
+                       and not isinstance(r.module, LONE_OPS)), key=lambda r: r.order)
+
+    def holders(parent: str) -> list[str]:   # children whose subtree makes the feature maps
+        prefix = parent + "." if parent else ""
+        names = {n[len(prefix):].split(".")[0] for n, r in last.items()
+                 if n.startswith(prefix) and r.kind == "map" and "." in n[len(prefix):]}
+        return [prefix + n for n in sorted(names)]
+
+    spine, kids = "", map_children("")
+    while True:
+        if len(kids) == 1 and kids[0].is_container and map_children(kids[0].name):
+            spine = kids[0].name
+        elif not kids and len(holders(spine)) == 1:   # e.g. Sequential(Normalize(), net)
+            spine = holders(spine)[0]
+        else:
+            break
+        kids = map_children(spine)
+    picks: list[Record] = []
+    for r in kids:   # consecutive children with the same output shape form one stage
+        if picks and picks[-1].out_shape[1:] == r.out_shape[1:]:
+            picks[-1] = r
+        else:
+            picks.append(r)
+    if len(picks) >= 5 or (len(picks) >= 3 and not picks[0].is_container):
+        picks = picks[1:]                                            # the stem
+    return [p.name for p in _evenly(picks, MAX_AUTO_STAGES)]
+
+
+def _blocks(records: list[Record], head_order: int) -> list[str]:
+    """Transformers: a few evenly spaced block outputs plus the final norm."""
+    toks = [r for r in records if r.kind == "tokens" and r.order < head_order]
+    if not toks:
+        return []
+    by_parent: dict[str, list[Record]] = {}
+    for r in toks:
+        parent, _, leaf = r.name.rpartition(".")
+        if leaf.isdigit() and r.is_container:
+            by_parent.setdefault(parent, []).append(r)
+    if not by_parent:
+        return []
+    seq = max(by_parent.values(), key=len)                             # the block stack
+    picks = [r.name for r in _evenly(seq, 3)]
+    end = max(r.order for r in seq)
+    norms = [r for r in toks if r.order > end and isinstance(r.module, nn.LayerNorm)]
+    if norms:
+        picks.append(norms[-1].name)
+    return picks
+
+
+def _hidden_vectors(records: list[Record], head_order: int, penultimate: str | None) -> list[str]:
+    """MLPs: the hidden activations before the head (the last three)."""
+    acts = [r for r in records if r.kind == "vector" and r.order < head_order
+            and isinstance(r.module, _ACTIVATIONS) and r.name != penultimate]
+    return [r.name for r in acts[-3:]]
+
+
+def _sequences(records: list[Record], head_order: int) -> list[str]:
+    return [r.name for r in records if r.kind == "sequence" and r.order < head_order]
+
+
+def choose(model: nn.Module, example: torch.Tensor, logits_key: Any = None) -> Choice:
+    """The automatic taps of ``model`` (decided by one probe pass on ``example``)."""
+    from .outputs import pick_logits
+
+    records, out = probe(model, example)
+    logits = pick_logits(out, logits_key)
+    pen, head_order = _head(records, logits)
+    x_shape = tuple(example.shape)
+    hidden = _sequences(records, head_order)
+    family = "rnn" if hidden else ""
+    if not hidden:
+        hidden = _blocks(records, head_order)
+        family = "transformer" if hidden else ""
+    if not hidden:
+        hidden = _stages(records, x_shape, head_order)
+        family = "cnn" if hidden else ""
+    if not hidden:
+        hidden = _hidden_vectors(records, head_order, pen)
+        family = "mlp" if hidden else "unknown"
+    return Choice(hidden=hidden, penultimate=pen, records=records, family=family)
+
+
+def default_layers(model: nn.Module, example: torch.Tensor, logits_key: Any = None) -> list[str]:
+    """The automatic taps: hidden stages / blocks / activations, then the penultimate
+    features. Warns (one line) when fewer than two hidden taps are found."""
+    c = choose(model, example, logits_key)
+    layers = c.layers
+    if not layers:
+        raise ExportError(
+            "could not pick layers automatically: no module output feeds the logits. Pass "
+            f"{opt('layers')} explicitly (`ufad layers MODEL` lists the candidates).")
+    if len(layers) < 2:
+        warnings.warn(f"ufad: only {len(layers)} hidden tap found automatically ({layers}); "
+                      f"pass {opt('layers')} for a stronger detector (`ufad layers MODEL` lists candidates).",
+                      UserWarning, stacklevel=3)
+    return layers

@@ -1,0 +1,87 @@
+"""One recipe for the ID data a detector sees: batching arrays or loaders, label checks,
+progress bars. Every entry point (the Python API, ``ufad export``) goes through it, so a
+mistake is refused the same way wherever it comes from."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from ufad.runtime.errors import ExportError, opt
+
+
+ArrayLike = np.ndarray | torch.Tensor
+Data = ArrayLike | Iterable
+
+
+def progress(iterable, total: int | None, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="batch", leave=False)
+
+
+def iter_batches(
+    data: Data, labels: ArrayLike | None, batch_size: int
+) -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor | None]], int | None]:
+    """Batches of ``(x float32 tensor, y int64 tensor or None)`` and their count if known.
+
+    ``data`` is an array/tensor (with optional ``labels`` of the same length) or an
+    iterable (e.g. a DataLoader) yielding ``x`` or ``(x, y, ...)``.
+    """
+    if isinstance(data, (np.ndarray, torch.Tensor)):
+        n = len(data)
+        if labels is not None:
+            check_labels(labels, n)
+        if n == 0:
+            raise ExportError("data is empty; pass at least one batch of ID samples.")
+        x_all = torch.as_tensor(np.asarray(data) if isinstance(data, np.ndarray) else data)
+        y_all = None if labels is None else torch.as_tensor(np.asarray(labels)).long()
+
+        def gen():
+            for i in range(0, n, batch_size):
+                yield x_all[i:i + batch_size].float(), None if y_all is None else y_all[i:i + batch_size]
+
+        return gen(), math.ceil(n / batch_size)
+    if labels is not None:
+        raise ExportError("labels= is only for array data; a loader must yield (x, y) pairs.")
+
+    def gen_loader():
+        for item in data:
+            if isinstance(item, (tuple, list)):
+                x, y = item[0], (item[1] if len(item) > 1 else None)
+            else:
+                x, y = item, None
+            x = torch.as_tensor(x).float()
+            y = None if y is None else torch.as_tensor(y).long()
+            if y is not None and len(y) != len(x):
+                raise ExportError(f"a batch has {len(x)} inputs but {len(y)} labels.")
+            yield x, y
+
+    total = len(data) if hasattr(data, "__len__") else None
+    return gen_loader(), total
+
+
+def check_labels(labels: ArrayLike, n: int | None = None) -> np.ndarray:
+    """Labels as int64 class indices, refused unless they are a 1-D array of non-negative
+    integers (``n``: the number of samples they must match)."""
+    lab = np.asarray(labels)
+    integral = lab.dtype.kind in "iu" or (lab.dtype.kind == "f" and bool(np.all(np.mod(lab, 1) == 0)))
+    if lab.ndim != 1 or not integral or (lab.size and lab.min() < 0):
+        raise ExportError(
+            f"labels must be a 1-D array of non-negative integer class indices, got "
+            f"{lab.dtype} of shape {lab.shape}."
+        )
+    if n is not None and len(lab) != n:
+        raise ExportError(f"data has {n} samples but labels has {len(lab)}; pass one label per sample.")
+    return lab.astype(np.int64)
+
+
+def check_tpr(tpr: float) -> None:
+    """The fraction of held-out ID data to accept must be in (0, 1]."""
+    if not 0.0 < tpr <= 1.0:
+        raise ExportError(f"{opt('tpr')} must be in (0, 1], got {tpr}")
