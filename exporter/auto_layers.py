@@ -22,7 +22,7 @@ from torch import nn
 
 from ufad.runtime.errors import ExportError, opt
 
-from .taps import LONE_OPS, Record, probe
+from .taps import LONE_OPS, PROBE_SAMPLES, Record, probe
 
 #: at most this many hidden taps of one family are chosen automatically
 MAX_AUTO_STAGES = 4
@@ -152,6 +152,7 @@ def choose(model: nn.Module, example: torch.Tensor, logits_key: Any = None) -> C
     """The automatic taps of ``model`` (decided by one probe pass on ``example``)."""
     from .outputs import pick_logits
 
+    example = example[:PROBE_SAMPLES]      # the shape probe() sees
     records, out = probe(model, example)
     logits = pick_logits(out, logits_key)
     pen, head_order = _head(records, logits)

@@ -13,6 +13,7 @@ from ufad.runtime.files import check_output_path
 
 from . import registry
 from .data import check_labels
+from .onnx_export import PARITY_RTOL
 
 
 def load_data(data: str, split: str, limit: int | None) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
@@ -93,7 +94,7 @@ def calibration_split(y: np.ndarray, frac: float, seed: int) -> tuple[np.ndarray
 @click.option("--check-data", default=None,
               help="Inputs (.npy, or .npz with x) for the torch-vs-onnxruntime parity check (default: 192 "
                    "held-out ID inputs; 32 noise inputs are always added).")
-@click.option("--parity-rtol", default=1e-4, show_default=True, type=float,
+@click.option("--parity-rtol", default=PARITY_RTOL, show_default=True, type=float,
               help="Largest float difference the parity check accepts, relative to each output's magnitude.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--quiet", is_flag=True, help="No progress bars.")

@@ -24,13 +24,14 @@ from ufad.runtime.errors import ExportError, opt
 from ufad.runtime.inputs import range_limits
 
 from .auto_layers import default_layers
-from .taps import MAP_REDUCTIONS, SOFTMAX, ActivationCapture, Tap, resolve_layers, resolve_taps, run_model
+from .data import ArrayLike, Data, check_labels, check_tpr, iter_batches, progress
+from .onnx_export import PARITY_RTOL
 from .outputs import LogitsKey, parse_key, pick_logits
 from .registry import Option, register
+from .taps import (SOFTMAX, ActivationCapture, Tap, check_map_reduction, resolve_layers, resolve_taps,
+                   run_model)
 
 RANGE_POLICIES = ("auto", *fmt.RANGE_POLICIES)
-
-from .data import ArrayLike, Data, check_labels, check_tpr, iter_batches, progress
 
 
 class DetectorModule(nn.Module):
@@ -151,8 +152,7 @@ class Detector:
         self.layers = None if layers is None else list(layers)
         if self.layers is not None:
             resolve_layers(model, self.layers)
-        if reduction not in MAP_REDUCTIONS:
-            raise ExportError(f"unknown reduction {reduction!r}: {opt('reduction')} must be one of {list(MAP_REDUCTIONS)}")
+        check_map_reduction(reduction)
         self.reduction = reduction
         self.class_names = None if class_names is None else [str(c) for c in class_names]
         self.batch_size = int(batch_size)
@@ -375,7 +375,7 @@ class Detector:
         )
 
     def export(self, path: str | Path, *, example: ArrayLike | None = None, simplify: bool = False,
-               check_inputs: ArrayLike | None = None, parity_rtol: float = 1e-4,
+               check_inputs: ArrayLike | None = None, parity_rtol: float = PARITY_RTOL,
                verbose: bool = False) -> "ExportReport":
         """Write the detector as ONE self-contained .onnx file and verify it.
 

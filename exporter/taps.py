@@ -28,6 +28,7 @@ The same hooks run eagerly (fitting, the torch reference) and under ``torch.onnx
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -41,6 +42,7 @@ MAP_REDUCTIONS = ("max", "mean", "flatten")
 TOKEN_REDUCTIONS = ("tokens_mean", "tokens_max", "cls")
 SEQUENCE_REDUCTIONS = ("last", "tokens_max")
 REDUCTIONS = ("none", *MAP_REDUCTIONS, *TOKEN_REDUCTIONS, "last")
+PROBE_SAMPLES = 2
 DEFAULTS = {"vector": "none", "map": "max", "tokens": "tokens_mean", "sequence": "last"}
 ALLOWED = {"vector": ("none",), "map": MAP_REDUCTIONS, "tokens": TOKEN_REDUCTIONS,
            "sequence": SEQUENCE_REDUCTIONS}
@@ -190,8 +192,11 @@ def _kind(module: nn.Module, t: torch.Tensor) -> str:
 
 
 def probe(model: nn.Module, example: torch.Tensor) -> tuple[list[Record], Any]:
-    """Run ``model(example)`` once with a hook on every module; return one Record per module
-    call (in the order calls finish) and the model's output."""
+    """Run ``model`` once on the first ``PROBE_SAMPLES`` of ``example`` with a hook on every
+    module; return one Record per module call (in the order calls finish) and the model's
+    output. Every activation is held until the pass ends (ids must stay unique), so the
+    probe runs on a couple of samples, not on a whole batch: shapes and kinds are the same."""
+    example = example[:PROBE_SAMPLES]
     records: list[Record] = []
     keep: list[Any] = []    # holds every tensor seen, so their ids stay unique during the pass
     handles = []
@@ -225,11 +230,17 @@ def probe(model: nn.Module, example: torch.Tensor) -> tuple[list[Record], Any]:
     return records, out
 
 
+def check_map_reduction(reduction: str) -> None:
+    """The detector-wide reduction of feature maps must be one of ``MAP_REDUCTIONS``."""
+    if reduction not in MAP_REDUCTIONS:
+        raise ExportError(f"unknown reduction {reduction!r}: {opt('reduction')} must be one of "
+                          f"{list(MAP_REDUCTIONS)}")
+
+
 def resolve_taps(model: nn.Module, layers: Sequence[str], example: torch.Tensor,
                  map_reduction: str = "max") -> list[Tap]:
     """Tap specs -> Taps with their reduction settled by the kind of what they see."""
-    if map_reduction not in MAP_REDUCTIONS:
-        raise ExportError(f"{opt('reduction')} must be one of {list(MAP_REDUCTIONS)}, got {map_reduction!r}")
+    check_map_reduction(map_reduction)
     resolve_layers(model, layers)
     records, _ = probe(model, example)
     by_name = {r.name: r for r in records}
@@ -247,8 +258,10 @@ def resolve_taps(model: nn.Module, layers: Sequence[str], example: torch.Tensor,
         if tap.point == "input":
             if rec.in_shape is None:
                 raise ExportError(f"tap {spec!r}: module {tap.module!r} takes no tensor input.")
-            kind = {2: "vector", 3: "tokens" if rec.kind in ("tokens", "sequence", "vector") else "map"}.get(
-                len(rec.in_shape), "map")
+            # what feeds a module: a vector, the tokens a token module consumes, else a map
+            ndim = len(rec.in_shape)
+            kind = "vector" if ndim == 2 else (
+                "tokens" if ndim == 3 and rec.kind in ("tokens", "sequence", "vector") else "map")
         else:
             if rec.out_shape is None:
                 raise ExportError(
@@ -269,7 +282,7 @@ def resolve_taps(model: nn.Module, layers: Sequence[str], example: torch.Tensor,
 
 
 def _with_default(tap: Tap, reduction: str) -> Tap:
-    return tap if tap.reduction else Tap(tap.spec, tap.module, tap.point, reduction, tap.time_major)
+    return tap if tap.reduction else dataclasses.replace(tap, reduction=reduction)
 
 
 class ActivationCapture:

@@ -48,7 +48,7 @@ def render(message: str, renderer: Renderer = python_style) -> str:
 
 
 def option_names(message: str) -> list[str]:
-    """The option names a message refers to (for tests and for the CLI's lookup)."""
+    """The option names a message refers to."""
     return [m.group(1) for m in _REF.finditer(message)]
 
 

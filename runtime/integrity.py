@@ -108,10 +108,11 @@ def _facts(parts: ModelParts, path: str) -> pw.GraphFacts:
         raise _corrupt(path, f"graph: {e}") from None
 
 
-def check(parts: ModelParts, path: str) -> None:
+def check(parts: ModelParts, path: str) -> pw.GraphFacts:
     """Refuse a file whose graph or covered metadata changed after export; warn once for a
     format-1 file (its metadata is not covered). Runs before the metadata is parsed, so an
-    edit is reported as an edit, not as whatever inconsistency it caused."""
+    edit is reported as an edit, not as whatever inconsistency it caused. Returns what was
+    read from inside the graph, for ``check_threshold``."""
     version = fmt.parse_header(parts.metadata, path)
     recorded_graph = parts.metadata[fmt.KEY_GRAPH_SHA256]
     if parts.graph_sha256 != recorded_graph:
@@ -120,7 +121,8 @@ def check(parts: ModelParts, path: str) -> None:
             f"recorded in its metadata ({recorded_graph[:16]}...): the weights or "
             "statistics were modified after export. Do not trust this file; re-export it."
         )
-    written = _marker_version(_facts(parts, path).doc_string)
+    facts = _facts(parts, path)
+    written = _marker_version(facts.doc_string)
     if written > version:
         raise ModelFileError(
             f"{path}: its metadata says ufad format version {version} but the graph "
@@ -141,12 +143,13 @@ def check(parts: ModelParts, path: str) -> None:
             f"{path} uses ufad format version 1: its metadata (threshold, classes, input spec) "
             "is not covered by the integrity check, only its graph. Re-export it with this ufad "
             "to protect the metadata too.", FormatWarning, stacklevel=4)
+    return facts
 
 
-def check_threshold(parts: ModelParts, info: fmt.FormatInfo, path: str) -> None:
+def check_threshold(facts: pw.GraphFacts, info: fmt.FormatInfo, path: str) -> None:
     """The graph's default threshold (what a client that feeds none gets) must be the
-    metadata's (what clients read and report)."""
-    default = _facts(parts, path).scalars.get(fmt.INPUT_THRESHOLD)
+    metadata's (what clients read and report); ``facts`` come from ``check``."""
+    default = facts.scalars.get(fmt.INPUT_THRESHOLD)
     if default is not None and default != graph_threshold(info.threshold):
         raise ModelFileError(
             f"{path}: the graph's default threshold ({default:.6g}) differs from the metadata's "

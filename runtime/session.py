@@ -135,11 +135,10 @@ def verified_parts(data: bytes, path: str, verify: bool = True) -> tuple[integri
 
     The metadata is read from the bytes that were hashed, never from a second parser."""
     parts = integrity.read_parts(data, path)
-    if verify:
-        integrity.check(parts, path)
+    facts = integrity.check(parts, path) if verify else None
     info = fmt.parse_metadata(parts.metadata, path)
-    if verify:
-        integrity.check_threshold(parts, info, path)
+    if facts is not None:
+        integrity.check_threshold(facts, info, path)
     return parts, info
 
 

@@ -33,12 +33,11 @@ def sign_command(model, key, output):
     from ..files import write_atomically
     from ..session import read_model_bytes
 
-    data = read_model_bytes(model)
-    signed = signing.sign(data, key, str(model))
+    private = signing.load_private_key(key)
+    signed = signing.sign(read_model_bytes(model), private, str(model))
     out = output or model
     write_atomically(out, signed)
-    kid = signing.key_id(signing.load_private_key(key).public_key())
-    click.echo(f"signed {out} with key {kid}")
+    click.echo(f"signed {out} with key {signing.key_id(private.public_key())}")
 
 
 @click.command("verify")
