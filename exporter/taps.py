@@ -138,7 +138,7 @@ def run_model(model: nn.Module, x: torch.Tensor) -> Any:
     except Exception as e:
         msg = str(e).strip().splitlines()
         raise ExportError(
-            f"the model fails on a data batch of shape {tuple(x.shape)} "
+            f"the model fails on data of shape (N, {', '.join(map(str, x.shape[1:]))}) "
             f"({type(e).__name__}: {msg[0][:300] if msg else ''}); pass data shaped like the "
             "model's training input, [N, C, H, W] for a CNN."
         ) from e
