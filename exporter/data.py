@@ -5,12 +5,13 @@ mistake is refused the same way wherever it comes from."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 
-from ufad.runtime.errors import ExportError, opt
+from ufad.runtime.errors import ExportError, InputError, opt
 
 
 ArrayLike = np.ndarray | torch.Tensor
@@ -85,3 +86,47 @@ def check_tpr(tpr: float) -> None:
     """The fraction of held-out ID data to accept must be in (0, 1]."""
     if not 0.0 < tpr <= 1.0:
         raise ExportError(f"{opt('tpr')} must be in (0, 1], got {tpr}")
+
+
+def load_data(data: str, split: str, limit: int | None) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    """A built-in dataset name or an .npz with arrays ``x`` and ``y``."""
+    from ufad.models import datasets
+
+    p = Path(data)
+    if p.suffix == ".npz":
+        if not p.exists():
+            raise InputError(f"{p}: no such file")
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                if "x" not in z.files or "y" not in z.files:
+                    raise InputError(f"{p}: expected arrays 'x' and 'y', found {z.files}")
+                x, y = z["x"].astype(np.float32), z["y"]
+        except (ValueError, OSError) as e:
+            raise InputError(f"{p}: unreadable .npz ({e})") from None
+        y = check_labels(y, len(x))   # before any split or cast could hide a mismatch
+        if limit:
+            x, y = x[:limit], y[:limit]
+        return x, y, None
+    try:
+        name = datasets.canonical_name(data)
+        x, y = datasets.load(name, split)
+    except datasets.DatasetMissingError as e:
+        raise InputError(str(e)) from None
+    except ValueError as e:
+        raise InputError(f"--data: {e}; or pass an .npz with arrays x and y") from None
+    if limit:
+        x, y = x[:limit], y[:limit]
+    return x, y, datasets.class_names(name)
+
+
+def calibration_split(y: np.ndarray, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded, stratified split of sample indices into (fit, calibrate): ``frac`` of every
+    class goes to calibration, so a label-sorted file is split as well as a shuffled one."""
+    rng = np.random.default_rng(seed)
+    fit, cal = [], []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        k = int(round(len(idx) * frac))
+        cal.append(idx[:k])
+        fit.append(idx[k:])
+    return np.sort(np.concatenate(fit)), np.sort(np.concatenate(cal))

@@ -221,6 +221,9 @@ class Detector:
                             f"tensors, say which holds the logits with {opt('logits')}."
                         )
                     feats = capture.collect(logits) if self.layers else []
+                if self.num_classes is None:  # recorded here, so no detector's _fit has to
+                    self.num_classes = int(logits.shape[1])
+                    self.dims = [int(f.shape[1]) for f in feats]
                 lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))
                 yield x, y, logits, feats
         finally:
@@ -233,6 +236,7 @@ class Detector:
     def fit(self, data: Data, labels: ArrayLike | None = None) -> "Detector":
         """Fit the statistics on ID data (arrays + labels, or a loader of (x, y) batches)."""
         self._check_model()
+        self.num_classes, self.dims = None, []   # a refit starts over
         if labels is not None:
             lab = check_labels(labels, len(data) if isinstance(data, (np.ndarray, torch.Tensor)) else None)
             self._check_labels(lab)
@@ -255,6 +259,8 @@ class Detector:
         """Hook for early label checks (before any forward pass)."""
 
     def _fit(self, stream) -> None:
+        """Fit the method's statistics from ``stream`` (``(x, y, logits, feats)`` batches);
+        ``num_classes`` and ``dims`` are already recorded by the stream."""
         raise NotImplementedError
 
     def head(self) -> nn.Module:

@@ -1,6 +1,6 @@
 """ufad runtime: load a ufad .onnx detector and score inputs (numpy + onnxruntime only)."""
 
-from .errors import (DependencyError, ExportError, FormatWarning, InputError, ModelFileError,
+from .errors import (DependencyError, EvaluationError, ExportError, FormatWarning, InputError, ModelFileError,
                      OutputError, ProviderError, SignatureError, UfadError)
 from .files import load_inputs
 from .format import FORMAT_VERSION, FormatInfo
@@ -9,5 +9,5 @@ from .session import AnomalySession, ScoreResult
 __all__ = [
     "AnomalySession", "ScoreResult", "load_inputs", "FORMAT_VERSION", "FormatInfo",
     "UfadError", "InputError", "ModelFileError", "SignatureError", "OutputError", "ProviderError",
-    "ExportError", "DependencyError", "FormatWarning",
+    "ExportError", "EvaluationError", "DependencyError", "FormatWarning",
 ]

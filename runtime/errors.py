@@ -94,8 +94,16 @@ class ExportError(UfadError):
     """The model, layers or data given to the exporter cannot produce a detector."""
 
 
+class EvaluationError(UfadError):
+    """An evaluation or benchmark run (``ufad eval``, ``ufad bench``) cannot go on."""
+
+
 class DependencyError(UfadError):
     """An optional dependency needed for this operation is not installed."""
+
+
+class ClusterError(UfadError):
+    """A Ray cluster cannot be reached, or a distributed job cannot finish with every row."""
 
 
 class FormatWarning(UserWarning):

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from ufad.exporter import metrics
+from ufad.exporter.eval import metrics
 
 # ----------------------------------------------------------------------------- metrics
 
@@ -53,7 +53,7 @@ def test_metrics_inf_scores_and_ties():
 
 
 def test_attacks_succeed_within_budget(reference_model, mnist):
-    from ufad.exporter.attacks import run_attack
+    from ufad.exporter.eval.attacks import run_attack
 
     x, y = mnist["test"][0][:64], mnist["test"][1][:64]
     fg = run_attack("fgsm", reference_model, x, y, eps=0.3, seed=0)
@@ -71,7 +71,7 @@ def test_attacks_succeed_within_budget(reference_model, mnist):
 
 
 def test_anomaly_sets_shapes_and_range(mnist):
-    from ufad.exporter import anomalies
+    from ufad.exporter.eval import anomalies
 
     x_tr = mnist["train"][0][:2000]
     sets = anomalies.ood_sets("mnist", "test", n=50) + anomalies.noise_sets(x_tr, x_tr[:100], "test", n=20)
@@ -92,7 +92,7 @@ def test_anomaly_sets_shapes_and_range(mnist):
 
 @pytest.fixture(scope="module")
 def quick_results(tmp_path_factory):
-    from ufad.exporter.evaluate import ATTACKS_QUICK, Sizes, evaluate
+    from ufad.exporter.eval.evaluate import ATTACKS_QUICK, Sizes, evaluate
 
     out = tmp_path_factory.mktemp("eval")
     # Smaller than --quick to fit the test budget; same code path.
@@ -150,3 +150,27 @@ def test_eval_cli_rejects_unknown_detector(tmp_path):
     res = CliRunner().invoke(main, ["eval", "--setup", "mnist_cnn", "--detector", "nope", "-o", str(tmp_path)])
     assert res.exit_code != 0
     assert "unknown detector" in res.output and "Traceback" not in res.output
+
+
+# ------------------------------------------------------------------------ the report, torch-free
+def test_results_md_renders_from_results_json_without_torch(tmp_path):
+    """RESULTS.md is exactly what the report module renders from the committed results.json
+    (one owner of the report; the bars come from the data file recorded in it), and that
+    rendering needs neither torch nor a fit."""
+    from pathlib import Path
+
+    from torchless import run_without_torch
+
+    root = Path(__file__).resolve().parents[1]
+    script = (
+        "import json, sys; from ufad.exporter.eval.report import render_markdown\n"
+        f"r = json.load(open({str(root / 'results' / 'results.json')!r}))\n"
+        "sys.stdout.write(render_markdown(r, 'results/'))\n"
+        "assert 'torch' not in sys.modules\n"
+    )
+    proc = run_without_torch(["python", "-c", script], cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == (root / "RESULTS.md").read_text()
+    bars = json.loads((root / "tools" / "bars.json").read_text())["eval"]
+    assert json.loads((root / "results" / "results.json").read_text())["bars"] == bars
+    assert "Bars for `uniform` on fashion_resnet:" in proc.stdout

@@ -46,9 +46,8 @@ class LogitDetector(Detector):
 
     def _fit(self, stream) -> None:
         # The whole stream is consumed so the recorded input range covers all the data.
-        for _x, _y, logits, _feats in stream:
-            self.num_classes = int(logits.shape[1])
-        self.dims = []
+        for _batch in stream:
+            pass
 
     def head(self) -> nn.Module:
         self._require_fitted()

@@ -66,14 +66,12 @@ class KNNDetector(FeatureDetector):
 
     def _fit(self, stream) -> None:
         keep = Subsample(self.bank_size, self.seed)
-        for _x, _y, logits, feats in stream:
-            self.num_classes = int(logits.shape[1])
+        for _x, _y, _logits, feats in stream:
             keep.add(feats[0].numpy().astype(np.float64))
         (f,) = keep.rows
         if len(f) < self.k:
             raise ExportError(
                 f"only {len(f)} fitting samples but k={self.k}; pass more ID data or lower k.")
-        self.dims = [f.shape[1]]
         self.bank = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), EPS)
         self._head = KNNHead(self.bank, self.k)
 

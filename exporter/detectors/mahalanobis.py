@@ -128,26 +128,25 @@ class MultiMahalanobisHead(nn.Module):
         return score, layer_scores
 
 
-def _accumulate(det: Detector, stream, keep: Subsample | None) -> list[ClassGaussians]:
+def _accumulate(det: Detector, stream, keep: Subsample | None) -> tuple[list[ClassGaussians], int]:
     """Feed correctly classified rows (all rows, labelled by prediction, if no labels) of
-    every monitored layer into per-layer class Gaussians; offer all rows to ``keep``."""
+    every monitored layer into per-layer class Gaussians; offer all rows to ``keep``.
+    Returns the Gaussians and how many rows went into them."""
     stats: list[ClassGaussians] | None = None
-    det._n_fit = 0
+    n_fit = 0
     for _x, y, logits, feats in stream:
-        det.num_classes = int(logits.shape[1])
         pred = logits.argmax(1).numpy()
         ok = np.ones(len(pred), bool) if y is None else pred == y.numpy()
         f64 = [f.numpy().astype(np.float64) for f in feats]
         if stats is None:
-            det.dims = [f.shape[1] for f in f64]
             stats = [ClassGaussians(det.num_classes, f.shape[1]) for f in f64]
         for st, f in zip(stats, f64):
             if ok.any():
                 st.add(f[ok], pred[ok])
-        det._n_fit += int(ok.sum())
+        n_fit += int(ok.sum())
         if keep is not None:
             keep.add(*[f.astype(np.float32) for f in f64])
-    return stats
+    return stats, n_fit
 
 
 def _check_ridge(ridge: float) -> float:
@@ -176,7 +175,7 @@ class MahalanobisDetector(FeatureDetector):
         self._head: MahalanobisHead | None = None
 
     def _fit(self, stream) -> None:
-        (st,) = _accumulate(self, stream, None)
+        (st,), self._n_fit = _accumulate(self, stream, None)
         means, whiten, eig = st.fit(self.ridge)
         self._eig = eig
         self.means, self.precision = means, whiten @ whiten.T
@@ -222,7 +221,7 @@ class MultiLayerMahalanobisDetector(Detector):
 
     def _fit(self, stream) -> None:
         keep = Subsample(self.max_points, self.seed)
-        stats = _accumulate(self, stream, keep)
+        stats, self._n_fit = _accumulate(self, stream, keep)
         if not self.layers:
             raise ExportError("mahalanobis_multi needs at least one monitored layer.")
         mods = []

@@ -246,6 +246,11 @@ class UniformDetector(Detector):
         shrinkage: added to the covariance's eigenvalues, as a fraction of their mean.
         max_points: cap of fitting points per class (keeps the graph small and fit fast).
         min_points: fewer correctly classified points than this for a class is an error.
+
+    Fitted attributes (after ``fit``): ``feature_maps_`` (one ``FeatureMap`` per layer),
+    ``gammas_`` (RBF gamma per layer; empty for the ball), ``fit_points_`` (class ->
+    per-layer reduced activations the regions were fitted on), ``fit_counts_``,
+    ``centres_`` / ``scales_`` (``[L, C]`` median and spread of raw per layer and class).
     """
 
     method = "uniform"
@@ -296,15 +301,15 @@ class UniformDetector(Detector):
     def params(self) -> dict[str, Any]:
         return {
             "nu": self.nu, "boundary": self.boundary,
-            "gamma": [float(g) for g in self._gammas] if self.boundary == "rbf" else None,
-            "feature_maps": [m.kind for m in self._fmaps], "whiten": self.whiten,
+            "gamma": [float(g) for g in self.gammas_] if self.boundary == "rbf" else None,
+            "feature_maps": [m.kind for m in self.feature_maps_], "whiten": self.whiten,
             "shrinkage": self.shrinkage,
             "max_points_per_class": self.max_points, "reduction": self.reduction,
             "combine": "max",
             "layer_score": "(raw - median) / std of raw over the predicted class's own fitting points",
             "uncalibrated_threshold": "(1 - nu) quantile of the fitting points' scores",
             "support_vectors": [int(r.max_sv) for r in self._head.regions] if self.boundary == "rbf" else None,
-            "fit_points_per_class": self._counts, "seed": self.seed,
+            "fit_points_per_class": self.fit_counts_, "seed": self.seed,
         }
 
     def _check_labels(self, labels: np.ndarray) -> None:
@@ -323,11 +328,9 @@ class UniformDetector(Detector):
         moments: list[LayerMoments] | None = None
         for _x, y, logits, feats in stream:
             pred = logits.argmax(1).numpy()
-            self.num_classes = logits.shape[1]
             ok = np.ones(len(pred), bool) if y is None else (pred == y.numpy())
             f_np = [f.numpy().astype(np.float64) for f in feats]
             if moments is None:
-                self.dims = [f.shape[1] for f in f_np]
                 moments = [LayerMoments(d, self.num_classes, w) for d, w in zip(self.dims, self._whitened(self.dims))]
             for mom, f in zip(moments, f_np):
                 mom.add(f[ok], pred[ok])
@@ -349,17 +352,20 @@ class UniformDetector(Detector):
                 f"correctly classified fitting samples; add data for them, lower {opt('min_points')}, "
                 "or check that the labels match the model's outputs."
             )
-        self._counts = [int(len(keys[c])) for c in range(self.num_classes)]
-        self._fmaps = [m.feature_map(self.shrinkage) for m in moments]
+        self.fit_counts_ = [int(len(keys[c])) for c in range(self.num_classes)]
+        self.feature_maps_ = [m.feature_map(self.shrinkage) for m in moments]
+        # Kept (sklearn's support_vectors_ spirit): the points the regions were fitted on, so a
+        # reference implementation (ufad bench's host path) can refit on exactly the same data.
+        self.fit_points_ = {int(c): [np.asarray(f, np.float32) for f in fs] for c, fs in kept.items()}
         self._fit_regions(kept)
 
     def _fit_regions(self, kept) -> None:
         from tqdm.auto import tqdm
 
-        regions, self._gammas = [], []
+        regions, self.gammas_ = [], []
         jobs = tqdm(total=len(self.layers) * self.num_classes, desc=f"fit {self.boundary} regions",
                     disable=not self.progress, leave=False)
-        for li, fmap in enumerate(self._fmaps):
+        for li, fmap in enumerate(self.feature_maps_):
             fits = []
             gamma = boundaries.resolve_gamma(self.gamma, len(fmap.mean))
             for c in range(self.num_classes):
@@ -368,7 +374,7 @@ class UniformDetector(Detector):
                             else boundaries.fit_ball(z, self.nu))
                 jobs.update()
             if self.boundary == "rbf":
-                self._gammas.append(gamma)
+                self.gammas_.append(gamma)
                 regions.append(RBFLayerRegions(fmap, fits))
             else:
                 regions.append(BallLayerRegions(fmap, fits))
@@ -383,6 +389,7 @@ class UniformDetector(Detector):
                     raw = reg(torch.tensor(kept[c][li], dtype=torch.float32))[:, c].numpy().astype(np.float64)
                     centres[li, c] = float(np.median(raw))
                     scales[li, c] = max(float(np.std(raw)), SCALE_FLOOR)
+        self.centres_, self.scales_ = centres, scales
         self._head = UniformHead(regions, scales, centres)
         # Uncalibrated threshold: flag what lies beyond the (1 - nu) quantile of the fitting
         # points' own scores (calibrate() on held-out ID data replaces it).

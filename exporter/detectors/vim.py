@@ -118,7 +118,6 @@ class ViMDetector(FeatureDetector):
                         "module feeding the final Linear layer."
                     )
                 self._check_feeds_classifier(f, lg)
-                self.num_classes = int(lg.shape[1])
                 scatter = np.zeros((f.shape[1], f.shape[1]))
             z = f - u
             scatter += z.T @ z
@@ -126,7 +125,6 @@ class ViMDetector(FeatureDetector):
             sum_maxlogit += float(lg.max(1).sum())
             keep.add(z)
         d = f.shape[1]
-        self.dims = [d]
         dim = paper_dim(d) if self.dim is None else int(self.dim)
         if not 0 < dim < d:
             raise ExportError(f"ViM dim must be in [1, {d - 1}] for {d} features, got {dim}")

@@ -11,7 +11,7 @@ Nothing here is tuned on anomaly data: all detector settings are their defaults 
 caller passes ``detector_kwargs``; ``split="valid"`` evaluates on disjoint validation anomaly
 sets (ID = second half of the valid split, calibration = first half) for any such tuning.
 
-    from ufad.exporter.evaluate import evaluate
+    from ufad.exporter.eval.evaluate import evaluate
     results = evaluate("mnist_cnn", "eval_out", quick=True)
 """
 
@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ufad.models import datasets
-from ufad.runtime.errors import ExportError
+from ufad.runtime.errors import EvaluationError
 
 from . import anomalies, metrics
 from .attacks import run_attack
@@ -90,10 +90,10 @@ def _take(x: np.ndarray, y: np.ndarray, n: int | None, seed: int) -> tuple[np.nd
 
 def _load_setup(setup: str):
     if setup not in SETUPS:
-        raise ExportError(f"unknown setup {setup!r}; choose one of {list(SETUPS)} or 'all'")
+        raise EvaluationError(f"unknown setup {setup!r}; choose one of {list(SETUPS)} or 'all'")
     mod = importlib.import_module(f"ufad.models.{setup}")
     if not Path(mod.WEIGHTS).exists():
-        raise ExportError(f"{mod.WEIGHTS} is missing; train it: python -m ufad.models.train {setup}")
+        raise EvaluationError(f"{mod.WEIGHTS} is missing; train it: python -m ufad.models.train {setup}")
     return mod.pretrained(), mod.DATASET
 
 
@@ -108,7 +108,7 @@ def _build_data(model, dataset: str, sizes: Sizes, split: str, seed: int) -> dic
         x_cal, _ = _take(x_va[:half], y_va[:half], sizes.n_calib, seed)
         x_id, y_id = _take(x_va[half:], y_va[half:], sizes.n_test, seed + 1)
     else:
-        raise ExportError(f"split must be 'test' or 'valid', got {split!r}")
+        raise EvaluationError(f"split must be 'test' or 'valid', got {split!r}")
     x_fit, y_fit = _take(x_tr, y_tr, sizes.n_fit, seed + 2)
     return {"x_fit": x_fit, "y_fit": y_fit, "x_cal": x_cal, "x_id": x_id, "y_id": y_id, "x_train_all": x_tr}
 
@@ -199,12 +199,12 @@ def evaluate_setup(setup: str, out_dir: Path, *, quick: bool = False, detectors:
                    sizes: Sizes | None = None, attack_plan=None, seed: int = 0, threads: int = 2,
                    progress: bool = True) -> dict[str, Any]:
     """Evaluate every selected detector on one setup; returns its results (scores under ``_scores``)."""
-    from .detectors import DETECTORS
+    from ..detectors import DETECTORS
 
     names = list(DETECTORS) if detectors is None else list(detectors)
     unknown = [n for n in names if n not in DETECTORS]
     if unknown:
-        raise ExportError(f"unknown detector(s) {unknown}; registered: {sorted(DETECTORS)}")
+        raise EvaluationError(f"unknown detector(s) {unknown}; registered: {sorted(DETECTORS)}")
     sizes = sizes or (QUICK if quick else FULL)
     attack_plan = attack_plan if attack_plan is not None else (ATTACKS_QUICK if quick else ATTACKS_FULL)
     t0 = time.time()
@@ -255,14 +255,16 @@ def evaluate(setup: str | Sequence[str], out_dir: str | Path, quick: bool = Fals
              detectors: Sequence[str] | None = None, detector_kwargs: dict[str, dict[str, Any]] | None = None,
              split: str = "test", sizes: Sizes | None = None, attack_plan=None, seed: int = 0, threads: int = 2,
              progress: bool = True, plots: bool = True, command: str | None = None,
-             results_md: str | Path | None = None, reuse: bool = False) -> dict[str, Any]:
+             results_md: str | Path | None = None, reuse: bool = False,
+             bars: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate ``setup`` (a name, a list, or "all") and write report.md, results.json and
     PNG plots into ``out_dir`` (and the report to ``results_md`` when given). Returns the
     results dict (what results.json holds).
 
     Each setup's results are also saved as ``setup_<name>.json`` + ``scores_<name>.npz``;
     with ``reuse=True`` a setup already evaluated in ``out_dir`` with the same configuration
-    is loaded instead of recomputed (to resume, or to run setups in parallel and assemble)."""
+    is loaded instead of recomputed (to resume, or to run setups in parallel and assemble).
+    ``bars`` (the ``eval`` section of a bars file) is kept in results.json and judged in the report."""
     setups = list(SETUPS) if setup == "all" else ([setup] if isinstance(setup, str) else list(setup))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -282,7 +284,7 @@ def evaluate(setup: str | Sequence[str], out_dir: str | Path, quick: bool = Fals
                                 progress=progress)
         _save_setup_result(out_dir, per[s], config)
     if plots:
-        from .eval_report import write_plots
+        from .report import write_plots
 
         for s, r in per.items():
             r["plots"] = write_plots(r, out_dir)
@@ -297,7 +299,9 @@ def evaluate(setup: str | Sequence[str], out_dir: str | Path, quick: bool = Fals
         "seconds_this_run": round(time.time() - t0, 2),
         "setups": {s: _strip(r) for s, r in per.items()},
     }
-    from .eval_report import render_markdown
+    if bars is not None:
+        results["bars"] = bars
+    from .report import render_markdown
 
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
     md = render_markdown(results)

@@ -21,7 +21,7 @@ def _example(data: str | None, input_shape: str | None) -> np.ndarray:
     if not data:
         raise InputError(f"pass {opt('data')} (a dataset name or an .npz with x) or {opt('input_shape')} "
                          "so the model can be run once.")
-    from .cli_export import load_data
+    from ..data import load_data
 
     x, _, _ = load_data(data, "train", 2)
     return x[:2]
@@ -41,10 +41,10 @@ def layers_command(model_spec, data, input_shape, weights, logits, show_all):
     from rich.console import Console
     from rich.table import Table
 
-    from .model_loading import load_factory, load_weights
-    from .outputs import parse_key
-    from .auto_layers import choose
-    from .taps import DEFAULTS, LONE_OPS
+    from ..model_loading import load_factory, load_weights
+    from ..outputs import parse_key
+    from ..auto_layers import choose
+    from ..taps import DEFAULTS, LONE_OPS
 
     x = _example(data, input_shape)
     model = load_factory(model_spec)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ufad.runtime.errors import ExportError
+from ufad.runtime.errors import EvaluationError
 
 
 @dataclass
@@ -188,9 +188,9 @@ def run_attack(name: str, model: nn.Module, x: np.ndarray, y: np.ndarray, *, bat
                seed: int = 0, progress: bool = False, **params: Any) -> AttackResult:
     """Run attack ``name`` (see ``ATTACKS``) on ``(x, y)`` in batches; see ``AttackResult``."""
     if name not in ATTACKS:
-        raise ExportError(f"unknown attack {name!r}; choose one of {sorted(ATTACKS)}")
+        raise EvaluationError(f"unknown attack {name!r}; choose one of {sorted(ATTACKS)}")
     if model.training:
-        raise ExportError("the model is in training mode; call model.eval() before attacking it.")
+        raise EvaluationError("the model is in training mode; call model.eval() before attacking it.")
     fn = ATTACKS[name]
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)

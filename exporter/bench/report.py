@@ -1,22 +1,13 @@
-"""``ufad bench``: the detector's cost on top of the bare model, as a table (and JSON/markdown).
-
-    ufad bench                                   # reference MNIST CNN, full 50k fit, 2 threads
-    ufad bench --quick --limit 2000              # a smoke run (seconds, not minutes)
-    ufad bench --json bench.json --markdown bench.md
-"""
+"""Render a ``ufad bench`` result: the same tables as rich output or markdown (BENCHMARKS.md)."""
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Any
 
 import click
 
-from ufad.runtime.errors import InputError
-
-from .bench import VARIANT_LABELS, VARIANTS, BenchConfig, run_bench
+from .config import VARIANT_LABELS, VARIANTS
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -67,9 +58,10 @@ def tables(res: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
     else:
         rows.append(["CUDA", "skipped", cuda.get("reason", "")])
     out.append(("Fit, size, runtime", ["what", "value", "notes"], rows))
-    rows = [[b["name"], f"{_fmt(b['value'])} {b['unit']}", f"{b['op']} {b['limit']:g} {b['unit']}",
-             {True: "PASS", False: "FAIL", None: "n/a"}[b["pass"]]] for b in res["bars"]]
-    out.append(("Bars", ["bar", "measured", "limit", "result"], rows))
+    if res.get("bars"):
+        rows = [[b["name"], f"{_fmt(b['value'])} {b['unit']}", f"{b['op']} {b['limit']:g} {b['unit']}",
+                 {True: "PASS", False: "FAIL", None: "n/a"}[b["pass"]]] for b in res["bars"]]
+        out.append(("Bars", ["bar", "measured", "limit", "result"], rows))
     return out
 
 
@@ -107,46 +99,3 @@ def print_rich(res: dict[str, Any]) -> None:
     th = res["threads"]
     console.print(f"threads: onnxruntime {th['onnxruntime_intra_op']}, torch {th['torch_intra_op']}; "
                   f"CPU: {res['machine']['cpu']} ({res['machine']['usable_cores']} cores)")
-
-
-def _batches(value: str) -> tuple[int, ...]:
-    try:
-        out = tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise InputError(f"--batches must be comma-separated integers, got {value!r}") from None
-    if not out or min(out) < 1:
-        raise InputError(f"--batches needs positive batch sizes, got {value!r}")
-    return out
-
-
-@click.command("bench")
-@click.option("--model", "model_spec", default="ufad.models.mnist_cnn:pretrained", show_default=True,
-              help="package.module:factory of the classifier (this RUNS that code).")
-@click.option("--data", default="mnist", show_default=True, help="ID dataset (train split fits, valid calibrates, test is timed).")
-@click.option("--batches", default="1,32,256", show_default=True, help="Comma-separated batch sizes.")
-@click.option("--repeats", type=click.IntRange(1), default=None, help="Timed calls per variant and batch (default: 300/100/40 by batch size).")
-@click.option("--warmup", type=click.IntRange(0), default=None, help="Warm-up calls per variant and batch.")
-@click.option("--threads", type=click.IntRange(1), default=2, show_default=True, help="Intra-op threads for onnxruntime AND torch.")
-@click.option("--limit", type=click.IntRange(1), default=None, help="Fit on the first N training images only.")
-@click.option("--calib-limit", type=click.IntRange(20), default=None, help="Calibrate on the first N valid images only.")
-@click.option("--quick", is_flag=True, help="Few repeats (a smoke run for tests; not for numbers).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the full result as JSON.")
-@click.option("--markdown", "md_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the tables as markdown.")
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Keep the .onnx files here.")
-def bench_command(model_spec, data, batches, repeats, warmup, threads, limit, calib_limit, quick,
-                  json_path, md_path, workdir):
-    """Measure what the detector costs on top of the bare model, in ONE run: (a) the bare
-    classifier .onnx in onnxruntime, (b) the ufad detector via AnomalySession.run, (c) torch
-    eager + hooks + scikit-learn OneClassSVM on the host; plus fit/export time and memory,
-    file sizes and the torch-free runtime's start-up and memory."""
-    cfg = BenchConfig(model=model_spec, data=data, batches=_batches(batches), repeats=repeats,
-                      warmup=warmup, threads=threads, limit=limit, calib_limit=calib_limit,
-                      quick=quick, workdir=str(workdir) if workdir else None)
-    res = run_bench(cfg, log=lambda s: click.echo(s, err=True))
-    print_rich(res)
-    if json_path:
-        json_path.write_text(json.dumps(res, indent=1, default=str))
-    if md_path:
-        md_path.write_text(render_markdown(res) + "\n")
-    if not res["agreement"]["ok"]:
-        raise click.ClickException(f"(c) and (b) scores disagree: {res['agreement']}")

@@ -11,40 +11,9 @@ import numpy as np
 from ufad.runtime.errors import ExportError, InputError, opt
 from ufad.runtime.files import check_output_path
 
-from . import registry
-from .data import check_labels
-from .onnx_export import PARITY_RTOL
-
-
-def load_data(data: str, split: str, limit: int | None) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
-    """A built-in dataset name or an .npz with arrays ``x`` and ``y``."""
-    from ufad.models import datasets
-
-    p = Path(data)
-    if p.suffix == ".npz":
-        if not p.exists():
-            raise InputError(f"{p}: no such file")
-        try:
-            with np.load(p, allow_pickle=False) as z:
-                if "x" not in z.files or "y" not in z.files:
-                    raise InputError(f"{p}: expected arrays 'x' and 'y', found {z.files}")
-                x, y = z["x"].astype(np.float32), z["y"]
-        except (ValueError, OSError) as e:
-            raise InputError(f"{p}: unreadable .npz ({e})") from None
-        y = check_labels(y, len(x))   # before any split or cast could hide a mismatch
-        if limit:
-            x, y = x[:limit], y[:limit]
-        return x, y, None
-    try:
-        name = datasets.canonical_name(data)
-        x, y = datasets.load(name, split)
-    except datasets.DatasetMissingError as e:
-        raise InputError(str(e)) from None
-    except ValueError as e:
-        raise InputError(f"--data: {e}; or pass an .npz with arrays x and y") from None
-    if limit:
-        x, y = x[:limit], y[:limit]
-    return x, y, datasets.class_names(name)
+from .. import registry
+from ..data import calibration_split, load_data
+from ..onnx_export import PARITY_RTOL
 
 
 def _check_inputs(path: str, sample_shape: tuple[int, ...]) -> np.ndarray:
@@ -58,19 +27,6 @@ def _check_inputs(path: str, sample_shape: tuple[int, ...]) -> np.ndarray:
     if x.shape[1:] != tuple(sample_shape):
         raise InputError(f"--check-data {path}: inputs of shape {x.shape[1:]}, the data has {tuple(sample_shape)}")
     return x[:512]
-
-
-def calibration_split(y: np.ndarray, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded, stratified split of sample indices into (fit, calibrate): ``frac`` of every
-    class goes to calibration, so a label-sorted file is split as well as a shuffled one."""
-    rng = np.random.default_rng(seed)
-    fit, cal = [], []
-    for c in np.unique(y):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        k = int(round(len(idx) * frac))
-        cal.append(idx[:k])
-        fit.append(idx[k:])
-    return np.sort(np.concatenate(fit)), np.sort(np.concatenate(cal))
 
 
 @click.command("export")
@@ -105,8 +61,8 @@ def export_command(model_spec, data, output, weights, calib_data, method, layers
     the detectors themselves; each says which methods take it."""
     import torch
 
-    from .data import check_tpr
-    from .model_loading import load_factory, load_weights
+    from ..data import check_tpr
+    from ..model_loading import load_factory, load_weights
 
     cls = registry.get(method)
     # Everything that can be known up front fails before the model, the data or the fit.
