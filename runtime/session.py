@@ -268,21 +268,23 @@ class AnomalySession:
             cols = [np.concatenate([c[k] for c in chunks]) for k in range(len(names))]
         if cols is None:
             return self._empty(thr, self._act_names if activations else [])
+        out = dict(zip(names, cols))
+        score, flagged = out[fmt.OUT_SCORE], out[fmt.OUT_IS_ANOMALY]
         if all_finite:
             nonfinite = np.zeros(len(arr), bool)
-            is_anomaly = cols[3]
+            is_anomaly = flagged
         else:
             nonfinite = ~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)
             # The graph already gives these +inf; OR-ing keeps the rule true for threshold=+inf
             # and for files exported before the graph did it too.
-            is_anomaly = cols[3] | nonfinite | np.isnan(cols[2])
+            is_anomaly = flagged | nonfinite | np.isnan(score)
         # The graph flags these itself (range policy "flag"); reported so a caller sees why.
         oor = out_of_range(arr, self.info.input) if self._flag_range else np.zeros(len(arr), bool)
         return ScoreResult(
-            logits=cols[0], pred=cols[1], score=cols[2], is_anomaly=is_anomaly, layer_scores=cols[4],
-            threshold=thr, classes=self.classes, layer_names=self.layer_names,
-            provider=self.provider, nonfinite=nonfinite, out_of_range=oor,
-            activations=dict(zip(names[len(self._out_names):], cols[len(self._out_names):])),
+            logits=out[fmt.OUT_LOGITS], pred=out[fmt.OUT_PRED], score=score, is_anomaly=is_anomaly,
+            layer_scores=out[fmt.OUT_LAYER_SCORES], threshold=thr, classes=self.classes,
+            layer_names=self.layer_names, provider=self.provider, nonfinite=nonfinite, out_of_range=oor,
+            activations={n: out[n] for n in (self._act_names if activations else [])},
         )
 
     def _threshold_feed(self, threshold: Any) -> tuple[float, dict[str, np.ndarray]]:
