@@ -27,8 +27,21 @@ def _fmt_score(s: float | str) -> str:
               help="Score image values far outside the model's input range instead of refusing them.")
 @click.option("--verify-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Ed25519 public key (PEM): refuse MODEL unless it carries a valid signature by it.")
-def score_command(model, inputs, as_json, provider, threshold, batch_size, threads, no_range_check, verify_key):
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="Score on Ray Data: INPUTS are folders, globs or files (.npy/.npz/.parquet/images); "
+                   "ADDRESS is a cluster (host:port), none: RAY_ADDRESS or a local instance. Needs -o.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --ray: one row per input to OUT (.parquet or .jsonl), summary beside it.")
+@click.option("--overwrite", is_flag=True, help="With --ray: replace an existing OUT.")
+@click.option("--workers", type=click.IntRange(1), default=None,
+              help="With --ray: scoring actors (default: the cluster's CPUs).")
+@click.option("--column", default=None, help="With --ray: the array column of Parquet inputs.")
+def score_command(model, inputs, as_json, provider, threshold, batch_size, threads, no_range_check, verify_key,
+                  ray_address, output, overwrite, workers, column):
     """Score INPUTS (.npy / .npz with array x / image files) with the detector MODEL."""
+    if ray_address is not None or output is not None:
+        return _score_on_ray(model, inputs, as_json, provider, threshold, batch_size, threads, no_range_check,
+                             verify_key, ray_address, output, overwrite, workers, column)
     from ..files import load_inputs
     from ..session import AnomalySession
 
@@ -47,6 +60,28 @@ def score_command(model, inputs, as_json, provider, threshold, batch_size, threa
             click.echo(json.dumps(r))
         return
     _print_table(rows, sess.provider)
+
+
+def _score_on_ray(model, sources, as_json, provider, threshold, batch_size, threads, no_range_check, verify_key,
+                  address, output, overwrite, workers, column) -> None:
+    """``ufad score --ray``: the job of ``ray_batch.score_dataset``; prints its summary."""
+    from ..errors import InputError, opt
+    from ..ray_batch import score_dataset
+    from . import cli_renderer
+
+    if address is None:
+        raise InputError(f"{opt('output')} writes the table of a Ray job: add {opt('ray_address', 'ADDRESS')} "
+                         f"(or --ray alone for a local one), or use {opt('as_json')} and redirect the output")
+    if output is None:
+        raise InputError(f"a Ray job writes its rows to a file: add {opt('output', 'OUT.parquet')}")
+    summary = score_dataset(model, list(sources), output, address=address or None, overwrite=overwrite,
+                            batch_size=batch_size, workers=workers, threads=threads, threshold=threshold,
+                            provider=provider, range_check="off" if no_range_check else "error",
+                            verify_key=verify_key, column=column, progress=not as_json,
+                            renderer=cli_renderer(score_command),
+                            echo=None if as_json else lambda text: click.echo(text, err=True))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
 
 
 def _print_table(rows: list[dict], provider: str) -> None:
