@@ -6,6 +6,7 @@
     ufad keygen KEY ; ufad sign OUT.onnx --key KEY ; ufad verify OUT.onnx --key KEY.pub
     ufad demo                                    # reference model end to end
     ufad eval / ufad bench / ufad triton         # see each command's --help
+    ufad score OUT.onnx data/ --ray -o audit.parquet ; ufad serve OUT.onnx --replicas 2   # on Ray
 
 Every user mistake prints one line ``error: ...`` naming this CLI's flags and exits 2
 (never a traceback). Listing the commands (``ufad --help``) imports none of them, so it is
@@ -34,6 +35,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "verify": ("ufad.runtime.cli.signing", "verify_command",
                "Check a detector's integrity (and its signature, with --key)."),
     "triton": ("ufad.runtime.triton", "triton_command", "Write a Triton model repository for a detector."),
+    "serve": ("ufad.runtime.cli.serve", "serve_command",
+              "Serve a detector over HTTP on Ray Serve (POST /score; needs ufad[ray])."),
     "export": ("ufad.exporter.commands.export", "export_command",
                "Fit a detector for a PyTorch MODEL on ID data and write one .onnx file."),
     "layers": ("ufad.exporter.commands.layers", "layers_command",
