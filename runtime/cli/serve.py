@@ -42,7 +42,7 @@ def serve_command(model, replicas, port, host, address, replica_cpus, provider, 
                       max_batch=max_batch)
     serve = import_ray("serve").serve
     signal.signal(signal.SIGTERM, _interrupt)
-    with connected(address, part="serve") as started:
+    with connected(address, part="serve"):
         serve.start(proxy_location=proxy_location, http_options={"host": host, "port": port})
         serve.run(app, name=APP_NAME, route_prefix="/")
         click.echo(f"serving {model} with {replicas} replica{'s' * (replicas > 1)} at http://{host}:{port} "
@@ -53,9 +53,7 @@ def serve_command(model, replicas, port, host, address, replica_cpus, provider, 
         except KeyboardInterrupt:
             pass
         finally:
-            # on a shared cluster remove only this application; a local Ray goes away whole
-            if started:
-                serve.shutdown()
-            else:
-                serve.delete(APP_NAME)
+            # remove only this application: a shared cluster may serve others (a local Ray
+            # instance started here goes away with this process anyway)
+            serve.delete(APP_NAME)
     click.echo("stopped", err=True)
