@@ -53,7 +53,10 @@ def serve_command(model, replicas, port, host, address, replica_cpus, provider, 
         except KeyboardInterrupt:
             pass
         finally:
-            # remove only this application: a shared cluster may serve others (a local Ray
-            # instance started here goes away with this process anyway)
+            # remove only this application: a shared cluster may serve others. With none
+            # left, stop Serve too, or the next `ufad serve` would find its proxies still on
+            # this port and its own --host / --port ignored.
             serve.delete(APP_NAME)
+            if not serve.status().applications:
+                serve.shutdown()
     click.echo("stopped", err=True)
