@@ -129,7 +129,7 @@ def score_dataset(model: str | Path, sources: str | Path | Sequence[str | Path],
 
     n_workers = 0
     try:
-        with _progress(total, progress) as bar, connected(address) as _started:
+        with _progress(total, progress) as bar, connected(address):
             task = bar.add_task("scoring", total=total)
             for fid, f in enumerate(files):
                 if f.error:  # known at planning: one row naming the file, no worker needed
