@@ -61,3 +61,25 @@ def fit_ball(x: np.ndarray, nu: float) -> BallRegion:
     center = x.mean(axis=0)
     dist = np.linalg.norm(x - center, axis=1)
     return BallRegion(center=center, radius=max(float(np.quantile(dist, 1.0 - nu)), 1e-6))
+
+
+def codebook(points: list[np.ndarray], size: int, seed: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Shared prototypes for many classes' support vectors: k-means (``size`` centres at most)
+    of all of ``points`` (one ``[M_c, D]`` array per class). Returns the prototypes ``[K, D]``
+    and, per class, the prototype index of each of its points."""
+    allp = np.concatenate(points)
+    k = int(min(size, len(allp)))
+    if k == len(allp):            # no fewer prototypes than points: the points themselves
+        book = allp.astype(np.float64)
+    else:
+        from sklearn.cluster import MiniBatchKMeans
+
+        km = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=1, batch_size=4096,
+                             max_iter=50).fit(allp)
+        book = km.cluster_centers_.astype(np.float64)
+    # nearest prototype of every point, by ||p||^2 - 2 x.p (chunked: C x M points can be many)
+    sq = (book ** 2).sum(1)
+    nearest = np.concatenate([np.argmin(sq - 2.0 * allp[i:i + 8192] @ book.T, axis=1)
+                              for i in range(0, len(allp), 8192)])
+    bounds = np.cumsum([0] + [len(p) for p in points])
+    return book, [nearest[a:b] for a, b in zip(bounds[:-1], bounds[1:])]

@@ -90,13 +90,14 @@ class LayerMoments:
             np.add.at(self.class_sum, cls, f)
             self.class_n += np.bincount(cls, minlength=len(self.class_n))
 
-    def feature_map(self, shrinkage: float) -> FeatureMap:
-        """The fitted map: whitening when this layer accumulated for it, else standardization."""
+    def feature_map(self, shrinkage: float, min_std: float = 1e-6) -> FeatureMap:
+        """The fitted map: whitening when this layer accumulated for it, else standardization
+        (each spread floored at ``min_std`` and at 1% of the median spread)."""
         mean = self.sum / self.n
         if not self.whiten:
             std = np.sqrt(np.maximum(self.sq / self.n - mean ** 2, 0.0))
             # Dead dimensions (constant on ID) would give infinite z-scores: floor the spread.
-            return FeatureMap(mean, 1.0 / np.maximum(std, max(1e-2 * float(np.median(std)), 1e-6)))
+            return FeatureMap(mean, 1.0 / np.maximum(std, max(1e-2 * float(np.median(std)), min_std)))
         seen = self.class_n > 0
         class_mean = self.class_sum[seen] / self.class_n[seen, None]
         tied = (self.outer - (class_mean.T * self.class_n[seen]) @ class_mean) / self.n

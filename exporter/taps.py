@@ -9,7 +9,9 @@ A tap is named by a spec string:
 - ``"...:reduction"``: with a named reduction instead of the one chosen for its output kind;
 - ``"@sqrt_softmax"``: the classifier's output distribution, ``sqrt(softmax(logits))`` (its
   Hellinger embedding; not a module, so computed from the logits; ``@`` cannot start a
-  module name).
+  module name);
+- ``"@sqrt_softmax_top10"``: the 10 largest of those, sorted: the same "between two
+  classes" signal without one dimension per class (what a many-class model monitors).
 
 Output kinds and their reductions to ``[B, D]`` (per channel, never per position):
 
@@ -38,6 +40,10 @@ from torch import nn
 from ufad.runtime.errors import ExportError, opt
 
 SOFTMAX = "@sqrt_softmax"
+SOFTMAX_TOP = "@sqrt_softmax_top10"
+TOP_K = 10
+#: output taps: computed from the logits, not hooked on a module
+OUTPUT_TAPS = (SOFTMAX, SOFTMAX_TOP)
 MAP_REDUCTIONS = ("max", "mean", "flatten")
 TOKEN_REDUCTIONS = ("tokens_mean", "tokens_max", "cls")
 SEQUENCE_REDUCTIONS = ("last", "tokens_max")
@@ -77,7 +83,15 @@ class Tap:
 
     @property
     def is_softmax(self) -> bool:
-        return self.spec == SOFTMAX
+        """An output tap (computed from the logits)."""
+        return self.spec in OUTPUT_TAPS
+
+    def output_features(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[B, C]`` sqrt(softmax), or its ``TOP_K`` largest entries sorted (``SOFTMAX_TOP``)."""
+        p = torch.sqrt(torch.softmax(logits.float(), dim=1))
+        if self.spec == SOFTMAX_TOP:
+            return torch.topk(p, min(TOP_K, p.shape[1]), dim=1, sorted=True).values
+        return p
 
     def features(self, t: torch.Tensor) -> torch.Tensor:
         """Reduce the tapped tensor to ``[B, D]`` float32 with this tap's reduction."""
@@ -100,8 +114,8 @@ class Tap:
 
 def parse_spec(spec: str) -> Tap:
     """``"name[#in][:reduction]"`` -> Tap (reduction None: chosen by the output's kind)."""
-    if spec == SOFTMAX:
-        return Tap(SOFTMAX, "", "output", "none")
+    if spec in OUTPUT_TAPS:
+        return Tap(spec, "", "output", "none")
     name, _, red = spec.partition(":")
     point = "output"
     if name.endswith("#in"):
@@ -122,7 +136,8 @@ def resolve_layers(model: nn.Module, layers: Sequence[str]) -> list[nn.Module | 
         shown = ", ".join(valid[:60]) + (f" ... ({len(valid)} in all; `ufad layers MODEL` lists them)"
                                          if len(valid) > 60 else "")
         raise ExportError(f"unknown layer name(s) {unknown}. Valid module names: {shown} "
-                          f"(and {SOFTMAX!r}, sqrt(softmax(logits)); append '#in' for a module's input)")
+                          f"(and {SOFTMAX!r}, sqrt(softmax(logits)), or {SOFTMAX_TOP!r}, its {TOP_K} largest entries; "
+                          "append '#in' for a module's input)")
     if len(set(layers)) != len(layers):
         raise ExportError(f"layer names must be unique, got {list(layers)}")
     return [None if t.is_softmax else modules[t.module] for t in taps]
@@ -316,8 +331,7 @@ class ActivationCapture:
             raise ExportError(
                 f"layer(s) {missing} were not called during the forward pass; monitor modules "
                 "that the model's forward() actually runs.")
-        return [torch.sqrt(torch.softmax(logits.float(), dim=1)) if t.is_softmax else self._out[t.spec]
-                for t in self.taps]
+        return [t.output_features(logits) if t.is_softmax else self._out[t.spec] for t in self.taps]
 
     def clear(self) -> None:
         self._out.clear()

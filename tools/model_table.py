@@ -9,8 +9,11 @@ noise and vs a real OOD set, the detector's size over the bare model's, and its 
 the bare model's at batch 1 and 64 (median of repeats; each file timed in its own process
 with 2 onnxruntime threads, one after the other, never interleaved).
 
-Table 2, class scaling: an MLP on Gaussian blobs with 10 / 100 / 1000 classes (the current
-per-class support-vector design), size and fit time against the bare model.
+Table 2, class scaling: an MLP on Gaussian blobs with 10 / 100 / 1000 classes, size and fit
+time against the bare model. Table 3: a 1000-class ResNet-18 (random backbone, nearest-mean
+head), size and batch-64 latency against the bare model.
+
+    python tools/model_table.py --only classes  # tables 2 and 3 alone (~5 min), table 1 kept
 """
 
 from __future__ import annotations
@@ -130,15 +133,97 @@ def scaling_rows(work: Path, classes=(10, 100, 1000)) -> list[dict]:
         det = UniformDetector(model, progress=False, min_points=5).fit(x, y).calibrate(x[::7])
         fit_s = time.time() - t0
         path = work / f"blobs_{c}.onnx"
-        det.export(path, check_inputs=x[:192], parity_rtol=1e-3)   # logits of ~30 on blobs: see docs/models.md
+        rep = det.export(path, check_inputs=x[:192], parity_rtol=1e-2)   # tight blobs: see docs/models.md
         bare = _bare(model, (64,), work / f"blobs_{c}_bare.onnx")
-        rows.append({"classes": c, "train_accuracy": acc, "fit_s": fit_s,
+        rows.append({"classes": c, "train_accuracy": acc, "fit_s": fit_s, "regions": det.regions_kind_,
+                     "output_tap": det.layers[-1], "parity": rep.parity_max_rel_diff,
                      "size_bare_mb": bare.stat().st_size / 1e6, "size_det_mb": path.stat().st_size / 1e6})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
-def markdown(zoo: list[dict], scaling: list[dict], command: str) -> str:
+def thousand_class_row(work: Path, repeats: int, per_class: int = 20) -> dict:
+    """torchvision ResNet-18 with 1000 classes at 3x32x32: a random backbone and a nearest-class-
+    mean head on its penultimate features, so that all 1000 classes are predicted; ID data =
+    1000 random prototype images, ``per_class`` noisy copies each."""
+    from vision_imports import import_torchvision
+
+    from ufad.exporter import UniformDetector
+
+    tv = import_torchvision()
+    torch.manual_seed(0)
+    model = tv.models.resnet18(num_classes=1000).eval()
+    rng = np.random.default_rng(0)
+    protos = rng.uniform(0, 1, (1000, 3, 32, 32)).astype(np.float32)
+    y = np.repeat(np.arange(1000), per_class)
+    x = np.clip(protos[y] + rng.normal(0, 0.05, (len(y), 3, 32, 32)), 0, 1).astype(np.float32)
+    feats = []
+    hook = model.fc.register_forward_hook(lambda m, i, o: feats.append(i[0]))
+    with torch.no_grad():
+        for i in range(0, len(x), 500):
+            model(torch.from_numpy(x[i:i + 500]))
+    hook.remove()
+    f = torch.cat(feats)
+    mu = torch.stack([f[torch.from_numpy(y == c)].mean(0) for c in range(1000)])
+    with torch.no_grad():   # logits = -||f - mu_c||^2 / 2 up to a per-input constant
+        model.fc.weight.copy_(mu)
+        model.fc.bias.copy_(-(mu ** 2).sum(1) / 2)
+        acc = float((model(torch.from_numpy(x[:2000])).argmax(1).numpy() == y[:2000]).mean())
+    t0 = time.time()
+    det = UniformDetector(model, progress=False, min_points=5).fit(x, y).calibrate(x[1::per_class])
+    fit_s = time.time() - t0
+    path = work / "resnet18_1000.onnx"
+    # 20 near-identical copies per class: a class's spread of raw at @sqrt_softmax_top10 is
+    # ~0.013, so float32 rounding (2e-5 of raw) shows as 2e-3 of the layer score (measured)
+    det.export(path, check_inputs=x[::97][:192], parity_rtol=1e-2)
+    bare = _bare(model, (3, 32, 32), work / "resnet18_1000_bare.onnx")
+    tb, td = _time(bare, (3, 32, 32), repeats), _time(path, (3, 32, 32), repeats)
+    row = {"model": "resnet18, 1000 classes", "accuracy": acc, "fit_s": fit_s, "regions": det.regions_kind_,
+           "taps": det.layers, "size_bare_mb": bare.stat().st_size / 1e6, "size_det_mb": path.stat().st_size / 1e6,
+           "bare_b1_ms": tb["1"], "det_b1_ms": td["1"], "bare_b64_ms": tb["64"], "det_b64_ms": td["64"]}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+CLASSES_TEXT = (
+    "An MLP (64 -> 256 -> 256 -> C) on C Gaussian blobs, 60 points per class; the uniform detector "
+    "with its defaults. Up to 100 classes the output tap is `@sqrt_softmax` (C dimensions) and "
+    "each class keeps its own support vectors at every layer (`regions=exact`, `[C, m, D]`); "
+    "above 100 classes the output tap is `@sqrt_softmax_top10` (10 dimensions, whatever C), and "
+    "once the exact form would exceed 4M floats (or a quarter of the model's parameters) the "
+    "regions share one codebook of 512 prototypes per layer and each class keeps the weights of "
+    "32 of them (`regions=codebook`, `[K, D] + [C, 32]`): size and fit time then grow linearly "
+    "in C. These exports run with `parity_rtol=1e-2`: the blobs are tight clusters far apart, "
+    "so a layer's raw score is a small difference of two large numbers (||u||^2 and the kernel "
+    "log-sum), and float32 rounding in onnxruntime's and torch's different summation orders, "
+    "divided by a class's tiny spread, reaches 1e-3 of the layer score (measured: the "
+    "whitened hidden layer, 1.7e-3 at 10 classes). The 1000-class ResNet below has the same "
+    "cause at its output tap (20 near-identical copies per class: a spread of raw of 0.013, "
+    "2e-3 of the layer score). The zoo's models, trained on real data, pass the default 1e-4.")
+
+
+def classes_markdown(scaling: list[dict], big: dict | None) -> list[str]:
+    out = ["## Classes", "", CLASSES_TEXT, "",
+           "| classes | train accuracy | output tap | regions | fit + calibrate (s) | size bare / detector (MB) | detector / bare |",
+           "|---|---|---|---|---|---|---|"]
+    for r in scaling:
+        out.append(f"| {r['classes']} | {r['train_accuracy']:.3f} | `{r['output_tap']}` | {r['regions']} | {r['fit_s']:.1f} "
+                   f"| {r['size_bare_mb']:.2f} / {r['size_det_mb']:.2f} | {r['size_det_mb'] / r['size_bare_mb']:.2f}x |")
+    if big:
+        out += ["", "A realistic 1000-class model: torchvision ResNet-18 (`num_classes=1000`) at 3x32x32 with "
+                "a random backbone and a nearest-class-mean head, fitted on 20 noisy copies of 1000 random "
+                "prototype images (a stand-in for ImageNet, which does not load offline). Latency as in table 1.", "",
+                "| model | accuracy | taps | regions | fit + calibrate (s) | size bare / detector (MB), added | "
+                "batch 1: bare / detector (ms) | batch 64: bare / detector (ms), overhead |",
+                "|---|---|---|---|---|---|---|---|",
+                f"| {big['model']} | {big['accuracy']:.3f} | {', '.join(big['taps'])} | {big['regions']} | {big['fit_s']:.0f} "
+                f"| {big['size_bare_mb']:.2f} / {big['size_det_mb']:.2f}, +{100 * (big['size_det_mb'] / big['size_bare_mb'] - 1):.1f}% "
+                f"| {big['bare_b1_ms']:.2f} / {big['det_b1_ms']:.2f} "
+                f"| {big['bare_b64_ms']:.2f} / {big['det_b64_ms']:.2f}, {big['det_b64_ms'] / big['bare_b64_ms']:.2f}x |"]
+    return out
+
+
+def markdown(zoo: list[dict], scaling: list[dict], command: str, big: dict | None = None) -> str:
     f = lambda v, d=3: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
     out = ["# ufad on models nobody here designed", "",
            f"Generated by `{command}` on the project's 2-core CPU machine "
@@ -157,19 +242,7 @@ def markdown(zoo: list[dict], scaling: list[dict], command: str) -> str:
                    f"| {f(r['auroc_ood'], 4)} | {r['size_bare_mb']:.2f} / {r['size_det_mb']:.2f} "
                    f"| {r['bare_b1_ms']:.3f} / {r['det_b1_ms']:.3f}, {r['det_b1_ms'] / r['bare_b1_ms']:.2f}x "
                    f"| {r['bare_b64_ms']:.2f} / {r['det_b64_ms']:.2f}, {r['det_b64_ms'] / r['bare_b64_ms']:.2f}x |")
-    out += ["", "## Classes", "",
-            "An MLP (64 -> 256 -> 256 -> C) on C Gaussian blobs, 60 points per class; the uniform "
-            "detector with its defaults. The head stores each class's support vectors at every "
-            "layer, and the output layer (`@sqrt_softmax`) has C dimensions, so its size grows "
-            "with C^2: this table is the measurement behind issue 12's open class-scaling bar. These "
-            "exports run with `parity_rtol=1e-3`: on these very separable blobs the 10-class "
-            "export differed by 2.5e-4 (relative to the output's magnitude) on ID inputs and was "
-            "refused at the default 1e-4; not yet investigated.", "",
-            "| classes | train accuracy | fit + calibrate (s) | size bare / detector (MB) | detector / bare |",
-            "|---|---|---|---|---|"]
-    for r in scaling:
-        out.append(f"| {r['classes']} | {r['train_accuracy']:.3f} | {r['fit_s']:.1f} | {r['size_bare_mb']:.2f} / "
-                   f"{r['size_det_mb']:.2f} | {r['size_det_mb'] / r['size_bare_mb']:.1f}x |")
+    out += ["", *classes_markdown(scaling, big)]
     return "\n".join(out) + "\n"
 
 
@@ -178,6 +251,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "models.md")
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--only", choices=["classes"], default=None,
+                    help="rewrite only the class-scaling section of --out (tables 2 and 3)")
     args = ap.parse_args()
     from vision_imports import import_timm, import_torchvision
 
@@ -185,11 +260,17 @@ def main() -> None:
         sys.exit("needs torchvision and timm: bash tools/setup.sh")
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as d:
-        zoo = zoo_rows(Path(d), args.repeats)
+        zoo = [] if args.only else zoo_rows(Path(d), args.repeats)
         scaling = scaling_rows(Path(d))
-    args.out.write_text(markdown(zoo, scaling, "python tools/model_table.py"))
+        big = thousand_class_row(Path(d), args.repeats)
+    if args.only:
+        text = args.out.read_text()
+        head = text[:text.index("## Classes")] if "## Classes" in text else text + "\n"
+        args.out.write_text(head + "\n".join(classes_markdown(scaling, big)) + "\n")
+    else:
+        args.out.write_text(markdown(zoo, scaling, "python tools/model_table.py", big))
     if args.json:
-        args.json.write_text(json.dumps({"zoo": zoo, "scaling": scaling}, indent=2))
+        args.json.write_text(json.dumps({"zoo": zoo, "scaling": scaling, "resnet18_1000": big}, indent=2))
     print(f"wrote {args.out}")
 
 

@@ -27,7 +27,7 @@ class HostDetector:
 
     def __init__(self, model, layers: Sequence[str], maps: Sequence[FeatureMap], svms,
                  centres: np.ndarray, scales: np.ndarray, reduction: str = "max"):
-        from ..taps import SOFTMAX, Tap
+        from ..taps import OUTPUT_TAPS, Tap, parse_spec
 
         self.model, self.layers, self.reduction = model, list(layers), reduction
         self._taps = {n: Tap(n, n, "output", reduction) for n in self.layers}
@@ -35,7 +35,8 @@ class HostDetector:
         self._acts: dict[str, Any] = {}
         modules = dict(model.named_modules())
         self._hooks = [modules[name].register_forward_hook(self._hook(name))
-                       for name in self.layers if name != SOFTMAX]
+                       for name in self.layers if name not in OUTPUT_TAPS]
+        self._outputs = {n: parse_spec(n) for n in self.layers if n in OUTPUT_TAPS}
 
     def _hook(self, name: str):
         def hook(_module, _inputs, output):
@@ -77,11 +78,9 @@ class HostDetector:
         """``(logits, pred, score)`` of a float32 batch; higher score = more anomalous."""
         import torch
 
-        from ..taps import SOFTMAX
-
         with torch.no_grad():
             logits = self.model(torch.from_numpy(x))
-        acts = [torch.sqrt(torch.softmax(logits, dim=1)).numpy() if name == SOFTMAX else self._acts[name].numpy()
+        acts = [self._outputs[name].output_features(logits).numpy() if name in self._outputs else self._acts[name].numpy()
                 for name in self.layers]
         logits_np = logits.numpy()
         pred = logits_np.argmax(axis=1)

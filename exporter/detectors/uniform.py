@@ -20,14 +20,20 @@ to sum 1 and rho' = rho / sum(alpha):   raw = log rho' - log sum_i a_i K(x, s_i)
 (the log of the one-class SVM decision ratio; > 0 exactly where the SVM says "outside").
 For the ball: raw = ||x - centre|| - radius.
 
-``UniformHead`` below IS the scoring math: it is the torch reference and it is what
-``torch.onnx.export`` turns into the graph (fused across layers and classes; see its docstring
-and BENCHMARKS.md for why it is shaped the way it is).
+The scoring math is in ``uniform_head.py`` (``UniformHead``: the torch reference and what
+``torch.onnx.export`` turns into the graph; see BENCHMARKS.md for why it is shaped so).
+This file fits it.
+
+Many classes: the exact regions store every class's support vectors at every layer
+(``[C, m, D]``, and ``D = C`` at ``@sqrt_softmax``), which grows with C^2. Above
+``MANY_CLASSES`` the automatic output tap is ``@sqrt_softmax_top10`` (class-agnostic, 10
+dimensions), and ``regions="auto"`` switches to ``CodebookLayerRegions`` (prototypes shared by
+all classes) when the exact form would exceed ``EXACT_BUDGET`` floats or a quarter of the
+model's own parameters, whichever is larger.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import click
@@ -38,195 +44,29 @@ from torch import nn
 from ufad.runtime.errors import ExportError, opt
 
 from .. import boundaries
-from ..taps import SOFTMAX
+from ..taps import OUTPUT_TAPS, SOFTMAX, SOFTMAX_TOP, run_model
 from ..detector import Detector
+from ..outputs import pick_logits
 from ..registry import Option
-from ..feature_maps import MAX_WHITEN_DIM, Affine, FeatureMap, LayerMoments
+from ..feature_maps import MAX_WHITEN_DIM, LayerMoments
+from .uniform_head import BallLayerRegions, CodebookLayerRegions, RBFLayerRegions, UniformHead
 
-PAD_LOGIT = -1e30  # log-weight of padding support vectors: exp() of it is exactly 0
-# Up to this batch size the head gathers the predicted class's support vectors before the
-# matmul (measured crossover on 2 cores: ~16 for the reference CNN; see BENCHMARKS.md).
-SMALL_BATCH = 16
-# Floor of a (layer, class) spread of raw. raw is a log kernel-density ratio; a class whose
-# fitting points all sit in one spot of a layer (a very confident class at @sqrt_softmax)
-# can have a spread of 1e-3, and 1/spread would turn float32 rounding into score noise.
 SCALE_FLOOR = 0.01
+#: above this many classes the automatic output tap is the class-agnostic @sqrt_softmax_top10
+MANY_CLASSES = 100
+#: the exact regions are kept up to this many stored floats (or a quarter of the model's)
+EXACT_BUDGET = 4_000_000
+#: floor of a dimension's spread at @sqrt_softmax_top10: its lower entries are square roots of
+#: tiny probabilities, whose float32 rounding a smaller spread would blow up into the score
+TOP_STD_FLOOR = 1e-3
+#: prototypes of its codebook a class keeps (CodebookLayerRegions)
+CODEBOOK_PER_CLASS = 32
 
 
 def _ids(ids: Sequence[int], cap: int = 12) -> str:
     """A list of class ids for a message, capped (a 1000-class model can miss hundreds)."""
     shown = ", ".join(str(i) for i in ids[:cap])
     return f"[{shown}{f', ... ({len(ids)} in all)' if len(ids) > cap else ''}]"
-
-
-class RBFLayerRegions(nn.Module):
-    """All classes' RBF regions of one layer. ``forward(f [B,D]) -> raw [B, C]``.
-
-    The feature map and sqrt(gamma) are one affine map u = f . A + b (``Affine``), and
-    ||u - s||^2 = ||u||^2 - 2 u.s + ||s||^2 turns the kernel sums of every class into one
-    matmul: ``log sum_i a_i K = logsumexp(2 u.s_i + log a_i - ||s_i||^2) - ||u||^2``.
-    """
-
-    def __init__(self, fmap: FeatureMap, regions: Sequence[boundaries.RBFRegion]):
-        super().__init__()
-        c, d = len(regions), len(fmap.mean)
-        m = max(len(r.alpha) for r in regions)
-        g = math.sqrt(regions[0].gamma)
-        sv = np.zeros((c, m, d))
-        log_a = np.full((c, m), PAD_LOGIT)
-        log_rho = np.zeros(c)
-        for k, r in enumerate(regions):
-            n = len(r.alpha)
-            sv[k, :n] = r.support_vectors * g
-            log_a[k, :n] = np.log(r.alpha / r.alpha.sum())
-            log_rho[k] = math.log(r.rho / r.alpha.sum())
-        bias = log_a - np.where(log_a > PAD_LOGIT, (sv ** 2).sum(-1), 0.0)
-        self.num_classes, self.max_sv = c, m
-        self.fmap = fmap.scaled(g)                 # u = fmap(f) * sqrt(gamma)
-        self.affine = Affine(self.fmap)
-        self.register_buffer("sv2", torch.tensor(2.0 * sv.reshape(c * m, d).T, dtype=torch.float32))
-        self.register_buffer("bias", torch.tensor(bias.reshape(c * m), dtype=torch.float32))
-        self.register_buffer("log_rho", torch.tensor(log_rho, dtype=torch.float32))
-        # float64 copies for UniformHead's fused graph (folded before the float32 cast).
-        self._f64 = {"sv2": 2.0 * sv, "bias": bias, "log_rho": log_rho}
-
-    def fused(self, m: int) -> tuple[np.ndarray, np.ndarray]:
-        """The affine map and log rho folded in, padded to ``m`` support vectors per class:
-        ``z_k = f @ W[k] + c[k]`` with ``W [C, D, m]``, ``c [C, m]``, so that
-        ``logsumexp_i z_k[i] = log sum_i a_i K(x, s_i) - ||u||^2 - log rho'_k``."""
-        p = self._f64
-        c, d = self.num_classes, len(self.fmap.mean)
-        sv2 = np.zeros((c, m, d))
-        sv2[:, :self.max_sv] = p["sv2"]
-        real = np.zeros((c, m), bool)
-        real[:, :self.max_sv] = p["bias"] > PAD_LOGIT
-        bias = np.pad(p["bias"], ((0, 0), (0, m - self.max_sv)))
-        const = sv2 @ self.fmap.bias() + bias - p["log_rho"][:, None]   # b . 2s + bias - log rho'
-        const = np.where(real, const, PAD_LOGIT)
-        t = self.fmap.transform
-        if t.ndim == 2:
-            w = np.einsum("de,cme->cdm", t, sv2)                         # A @ 2s, [C, D, m]
-        else:
-            w = (sv2 * t).transpose(0, 2, 1)                             # diag(w) @ 2s, [C, D, m]
-        return np.ascontiguousarray(w), const
-
-    def forward(self, f: torch.Tensor) -> torch.Tensor:
-        u = self.affine(f)
-        z = torch.matmul(u, self.sv2) + self.bias
-        lse = torch.logsumexp(z.reshape(-1, self.num_classes, self.max_sv), dim=2)
-        return (u * u).sum(dim=1, keepdim=True) - lse + self.log_rho
-
-
-class BallLayerRegions(nn.Module):
-    """All classes' balls of one layer. ``forward(f [B,D]) -> raw [B, C] = ||h - c|| - r``."""
-
-    def __init__(self, fmap: FeatureMap, regions: Sequence[boundaries.BallRegion]):
-        super().__init__()
-        self.affine = Affine(fmap)
-        self.register_buffer("centers", torch.tensor(np.stack([r.center for r in regions]), dtype=torch.float32))
-        self.register_buffer("radius", torch.tensor([r.radius for r in regions], dtype=torch.float32))
-
-    def forward(self, f: torch.Tensor) -> torch.Tensor:
-        # The differences themselves, not ||h||^2 - 2 h.c + ||c||^2: near a centre that
-        # expansion cancels and sqrt() turns the float32 rounding into visible noise.
-        diff = self.affine(f).unsqueeze(1) - self.centers                  # [B, C, D]
-        return torch.sqrt((diff * diff).sum(dim=2)) - self.radius
-
-
-class UniformHead(nn.Module):
-    """``(logits, pred, feats) -> (score [B], layer_scores [B, L])``; higher = more anomalous.
-
-    layer_score_l = (raw_l[c^] - centre_l[c^]) / scale_l[c^]; score = max over layers.
-
-    With RBF regions the graph is fused across layers (few ops: at batch 1 onnxruntime's
-    per-node cost and the weight reads dominate, not the arithmetic): the feature map,
-    sqrt(gamma), log rho and the centre are folded into one weight ``W_l [C, D_l, m]`` and
-    one constant per layer, the kernel logits of the predicted class come from
-    ``_kernel_logits`` (an ``If`` on the batch size in the graph), one ReduceLogSumExp covers
-    all layers, and ||u||^2 of every layer is one MatMul of the squared centred features (a
-    whitened layer enters that concat as f @ A, one MatMul with its D x D map). The per-layer region
-    modules (``raw``) stay the unfused reference; both give the same numbers up to float error.
-    """
-
-    def __init__(self, regions: Sequence[nn.Module], scales: np.ndarray, centres: np.ndarray):
-        super().__init__()
-        self.regions = nn.ModuleList(regions)
-        # [L, C] -> stored as [C, L] so one gather picks the predicted class for every layer.
-        self.register_buffer("inv_scale", torch.tensor(1.0 / scales.T, dtype=torch.float32))
-        self.register_buffer("centre", torch.tensor(centres.T, dtype=torch.float32))
-        self.fused = bool(regions) and all(isinstance(r, RBFLayerRegions) for r in regions)
-        #: the small-batch branch (torch.cond); the exporter turns it off for a model whose
-        #: own graph torch.export cannot trace together with a cond (e.g. some RNNs)
-        self.branching = True
-        if self.fused:
-            self._build_fused(regions, centres)
-
-    def _build_fused(self, regions: Sequence["RBFLayerRegions"], centres: np.ndarray) -> None:
-        m = max(r.max_sv for r in regions)
-        self.num_classes, self.max_sv = regions[0].num_classes, m
-        dims = [len(r.fmap.mean) for r in regions]
-        w2 = np.zeros((sum(dims), len(regions)))
-        consts, start, self.whitened, centre_of = [], 0, [], []
-        for li, (r, d) in enumerate(zip(regions, dims)):
-            t = r.fmap.transform
-            if t.ndim == 2:   # its segment of the concat holds f A, "centred" by -b: u = f A + b
-                self.whitened.append(li)
-                self.register_buffer(f"wh_a{li}", torch.tensor(t, dtype=torch.float32))
-                centre_of.append(-r.fmap.bias())
-                w2[start:start + d, li] = 1.0
-            else:             # ||u_l||^2 = sum_{d in l} w_d^2 (f_d - mean_d)^2
-                centre_of.append(r.fmap.mean)
-                w2[start:start + d, li] = t ** 2
-            w, c = r.fused(m)
-            self.register_buffer(f"sv_w{li}", torch.tensor(w, dtype=torch.float32))   # [C, D_l, m]
-            # logsumexp(z + centre) = logsumexp(z) + centre: the centre costs no graph node.
-            consts.append(np.where(c > PAD_LOGIT, c + centres[li][:, None], PAD_LOGIT))
-            start += d
-        self.register_buffer("sv_c", torch.tensor(np.stack(consts, axis=1), dtype=torch.float32))  # [C, L, m]
-        self.register_buffer("feat_mean", torch.tensor(np.concatenate(centre_of), dtype=torch.float32))
-        self.register_buffer("norm_w", torch.tensor(w2, dtype=torch.float32))         # [D, L]
-
-    def raw(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Raw outside-ness of every layer for every class: ``[B, L, C]``."""
-        return torch.stack([r(f) for r, f in zip(self.regions, feats)], dim=1)
-
-    def _kernel_logits(self, pred: torch.Tensor, *feats: torch.Tensor) -> torch.Tensor:
-        """``f_l @ W_l[pred]`` of every layer, ``[B, L, m]``. Small batches gather the
-        predicted class's support vectors first (reads ~1/C of the weights: that is what
-        costs at batch 1); large ones run one matmul per layer over all classes and gather
-        after (a gathered copy per input would cost more than the matmul). Same math."""
-        ws = [getattr(self, f"sv_w{li}") for li in range(len(feats))]
-        n_layers, m = len(feats), self.max_sv
-
-        def gather_first(pred, *feats):
-            return torch.cat([torch.matmul(f.unsqueeze(1), torch.index_select(w, 0, pred))
-                              for f, w in zip(feats, ws)], dim=1)                    # [B, L, m]
-
-        def matmul_first(pred, *feats):
-            z = torch.cat([torch.matmul(f, w) for f, w in zip(feats, ws)], dim=2)     # [C, B, L*m]
-            idx = pred.reshape(1, -1, 1).expand(1, -1, z.shape[2])
-            return z.gather(0, idx).reshape(-1, n_layers, m)
-
-        if not self.branching:
-            return matmul_first(pred, *feats)
-        return torch.cond(pred.shape[0] <= SMALL_BATCH, gather_first, matmul_first, (pred, *feats))
-
-    def _fused_raw(self, pred: torch.Tensor, feats: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Centred raw outside-ness of the predicted class at every layer: ``[B, L]``."""
-        g = torch.cat([torch.matmul(f, getattr(self, f"wh_a{li}")) if li in self.whitened else f
-                       for li, f in enumerate(feats)], dim=1) - self.feat_mean
-        norms = torch.matmul(g * g, self.norm_w)                                       # [B, L]
-        z = self._kernel_logits(pred, *feats) + torch.index_select(self.sv_c, 0, pred)  # [B, L, m]
-        return norms - torch.logsumexp(z, dim=2)
-
-    def forward(self, logits: torch.Tensor, pred: torch.Tensor, feats: Sequence[torch.Tensor]):
-        if self.fused:
-            layer_scores = self._fused_raw(pred, feats) * torch.index_select(self.inv_scale, 0, pred)
-            return layer_scores.amax(dim=1), layer_scores
-        raw = self.raw(feats)                                        # [B, L, C]
-        idx = pred.reshape(-1, 1, 1).expand(-1, raw.shape[1], 1)     # [B, L, 1]
-        layer_scores = (raw.gather(2, idx).squeeze(2) - self.centre[pred]) * self.inv_scale[pred]  # [B, L]
-        return layer_scores.amax(dim=1), layer_scores
 
 
 class UniformDetector(Detector):
@@ -263,12 +103,16 @@ class UniformDetector(Detector):
         Option("shrinkage", float, 0.01, "covariance shrinkage, as a fraction of its mean eigenvalue"),
         Option("max_points", int, 1000, "fitting points per class"),
         Option("min_points", int, 20, "fewest correctly classified fitting points a class may have"),
+        Option("regions", click.Choice(["auto", "exact", "codebook"]), "auto",
+               "RBF regions: each class's own support vectors, or prototypes shared by all classes"),
+        Option("codebook_size", int, 512, "prototypes per layer of the shared codebook"),
     )
     WHITEN = ("penultimate", "all", "none")
 
     def __init__(self, model: nn.Module, layers: Sequence[str] | None = None, *, nu: float = 0.1,
                  boundary: str = "rbf", gamma: float | str = "scale", whiten: str = "penultimate",
-                 shrinkage: float = 0.01, max_points: int = 1000, min_points: int = 20, **kwargs: Any):
+                 shrinkage: float = 0.01, max_points: int = 1000, min_points: int = 20,
+                 regions: str = "auto", codebook_size: int = 512, **kwargs: Any):
         super().__init__(model, layers, **kwargs)
         if not 0.0 < nu < 1.0:
             raise ExportError(f"{opt('nu')} must be in (0, 1), got {nu}")
@@ -278,7 +122,9 @@ class UniformDetector(Detector):
             raise ExportError(f"whiten must be one of {self.WHITEN}, got {whiten!r}")
         if not shrinkage > 0.0:
             raise ExportError(f"shrinkage must be > 0, got {shrinkage}")
-        for name, value in (("max_points", max_points), ("min_points", min_points)):
+        if regions not in ("auto", "exact", "codebook"):
+            raise ExportError(f"{opt('regions')} must be 'auto', 'exact' or 'codebook', got {regions!r}")
+        for name, value in (("max_points", max_points), ("min_points", min_points), ("codebook_size", codebook_size)):
             if not isinstance(value, (int, np.integer)) or value < 1:
                 raise ExportError(f"{opt(name)} must be an integer >= 1, got {value!r}")
         if min_points > max_points:
@@ -287,14 +133,17 @@ class UniformDetector(Detector):
         self.nu, self.boundary, self.gamma = float(nu), boundary, gamma
         self.whiten, self.shrinkage = whiten, float(shrinkage)
         self.max_points, self.min_points = int(max_points), int(min_points)
+        self.regions, self.codebook_size = regions, int(codebook_size)
         self.boundary_threshold: float | None = None
         self._head: UniformHead | None = None
 
     def automatic_layers(self, example: torch.Tensor) -> list[str]:
-        return [*super().automatic_layers(example), SOFTMAX]
+        with torch.no_grad():
+            classes = pick_logits(run_model(self.model, example[:2]), self.logits).shape[1]
+        return [*super().automatic_layers(example), SOFTMAX if classes <= MANY_CLASSES else SOFTMAX_TOP]
 
     def _whitened(self, dims: Sequence[int]) -> list[bool]:
-        modules = [i for i, l in enumerate(self.layers) if l != SOFTMAX]
+        modules = [i for i, l in enumerate(self.layers) if l not in OUTPUT_TAPS]
         chosen = set(modules[-1:] if self.whiten == "penultimate" else modules if self.whiten == "all" else [])
         return [i in chosen and d <= MAX_WHITEN_DIM for i, d in enumerate(dims)]
 
@@ -310,6 +159,9 @@ class UniformDetector(Detector):
             "uncalibrated_threshold": "(1 - nu) quantile of the fitting points' scores",
             "support_vectors": [int(r.max_sv) for r in self._head.regions] if self.boundary == "rbf" else None,
             "fit_points_per_class": self.fit_counts_, "seed": self.seed,
+            "regions": self.regions_kind_,
+            "codebook_size": [int(r.codebook_size) for r in self._head.regions]
+            if self.regions_kind_ == "codebook" else None,
         }
 
     def _check_labels(self, labels: np.ndarray) -> None:
@@ -353,7 +205,8 @@ class UniformDetector(Detector):
                 "or check that the labels match the model's outputs."
             )
         self.fit_counts_ = [int(len(keys[c])) for c in range(self.num_classes)]
-        self.feature_maps_ = [m.feature_map(self.shrinkage) for m in moments]
+        self.feature_maps_ = [m.feature_map(self.shrinkage, TOP_STD_FLOOR if layer == SOFTMAX_TOP else 1e-6)
+                              for m, layer in zip(moments, self.layers)]
         # Kept (sklearn's support_vectors_ spirit): the points the regions were fitted on, so a
         # reference implementation (ufad bench's host path) can refit on exactly the same data.
         self.fit_points_ = {int(c): [np.asarray(f, np.float32) for f in fs] for c, fs in kept.items()}
@@ -375,10 +228,10 @@ class UniformDetector(Detector):
                 jobs.update()
             if self.boundary == "rbf":
                 self.gammas_.append(gamma)
-                regions.append(RBFLayerRegions(fmap, fits))
-            else:
-                regions.append(BallLayerRegions(fmap, fits))
+            regions.append(fits)
         jobs.close()
+        self.regions_kind_ = self._regions_kind(regions) if self.boundary == "rbf" else "ball"
+        regions = [self._layer_regions(fmap, fits) for fmap, fits in zip(self.feature_maps_, regions)]
         # Centre and scale of each (layer, class): median and spread of raw over that class's
         # own fitting points, computed with the very modules that get exported.
         scales = np.ones((len(self.layers), self.num_classes))
@@ -386,7 +239,8 @@ class UniformDetector(Detector):
         with torch.no_grad():
             for c in range(self.num_classes):
                 for li, reg in enumerate(regions):
-                    raw = reg(torch.tensor(kept[c][li], dtype=torch.float32))[:, c].numpy().astype(np.float64)
+                    f = torch.tensor(kept[c][li], dtype=torch.float32)
+                    raw = reg.raw_for(f, torch.full((len(f),), c, dtype=torch.int64)).numpy().astype(np.float64)
                     centres[li, c] = float(np.median(raw))
                     scales[li, c] = max(float(np.std(raw)), SCALE_FLOOR)
         self.centres_, self.scales_ = centres, scales
@@ -399,6 +253,22 @@ class UniformDetector(Detector):
                            [torch.tensor(f, dtype=torch.float32) for f in kept[c]])[0].numpy()
                 for c in range(self.num_classes)])
         self.boundary_threshold = float(np.quantile(fit_scores, 1.0 - self.nu))
+
+    def _regions_kind(self, fits: list[list[boundaries.RBFRegion]]) -> str:
+        """``regions="auto"``: exact while its ``[C, m, D]`` weights stay within budget."""
+        if self.regions != "auto":
+            return self.regions
+        m = max(len(r.alpha) for layer in fits for r in layer)
+        exact = self.num_classes * m * sum(self.dims)
+        budget = max(EXACT_BUDGET, sum(p.numel() for p in self.model.parameters()) // 4)
+        return "exact" if exact <= budget else "codebook"
+
+    def _layer_regions(self, fmap, fits) -> nn.Module:
+        if self.boundary == "ball":
+            return BallLayerRegions(fmap, fits)
+        if self.regions_kind_ == "codebook":
+            return CodebookLayerRegions(fmap, fits, self.codebook_size, CODEBOOK_PER_CLASS, self.seed)
+        return RBFLayerRegions(fmap, fits)
 
     def head(self) -> nn.Module:
         self._require_fitted()

@@ -1,0 +1,261 @@
+"""The uniform detector's scoring math, as torch modules: this IS the torch reference and it
+is what ``torch.onnx.export`` turns into the graph.
+
+Per layer, the regions of every class (``raw`` = how far outside, > 0 outside):
+
+- ``RBFLayerRegions``: each class's own support vectors (the exact one-class SVM). With
+  K(x, s) = exp(-gamma ||x - s||^2), weights a_i normalised to sum 1 and rho' = rho / sum(alpha):
+  raw = log rho' - log sum_i a_i K(x, s_i).
+- ``CodebookLayerRegions``: the same density over prototypes shared by all classes (k-means of
+  every class's support vectors); class c keeps the weights of at most ``per_class`` of them.
+  Stored as ``[K, D]`` + ``[C, per_class]``: linear in the number of classes, where the exact
+  form is ``[C, m, D]`` (and ``D = C`` at ``@sqrt_softmax``).
+- ``BallLayerRegions``: raw = ||x - centre|| - radius.
+
+``UniformHead`` z-scores the predicted class's raw per layer and takes the max.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import boundaries
+from ..feature_maps import Affine, FeatureMap
+
+PAD_LOGIT = -1e30  # log-weight of padding support vectors: exp() of it is exactly 0
+# Up to this batch size the head gathers the predicted class's support vectors before the
+# matmul (measured crossover on 2 cores: ~16 for the reference CNN; see BENCHMARKS.md).
+SMALL_BATCH = 16
+# Floor of a (layer, class) spread of raw. raw is a log kernel-density ratio; a class whose
+# fitting points all sit in one spot of a layer (a very confident class at @sqrt_softmax)
+# can have a spread of 1e-3, and 1/spread would turn float32 rounding into score noise.
+
+class RBFLayerRegions(nn.Module):
+    """All classes' RBF regions of one layer. ``forward(f [B,D]) -> raw [B, C]``.
+
+    The feature map and sqrt(gamma) are one affine map u = f . A + b (``Affine``), and
+    ||u - s||^2 = ||u||^2 - 2 u.s + ||s||^2 turns the kernel sums of every class into one
+    matmul: ``log sum_i a_i K = logsumexp(2 u.s_i + log a_i - ||s_i||^2) - ||u||^2``.
+    """
+
+    def __init__(self, fmap: FeatureMap, regions: Sequence[boundaries.RBFRegion]):
+        super().__init__()
+        c, d = len(regions), len(fmap.mean)
+        m = max(len(r.alpha) for r in regions)
+        g = math.sqrt(regions[0].gamma)
+        sv = np.zeros((c, m, d))
+        log_a = np.full((c, m), PAD_LOGIT)
+        log_rho = np.zeros(c)
+        for k, r in enumerate(regions):
+            n = len(r.alpha)
+            sv[k, :n] = r.support_vectors * g
+            log_a[k, :n] = np.log(r.alpha / r.alpha.sum())
+            log_rho[k] = math.log(r.rho / r.alpha.sum())
+        bias = log_a - np.where(log_a > PAD_LOGIT, (sv ** 2).sum(-1), 0.0)
+        self.num_classes, self.max_sv = c, m
+        self.fmap = fmap.scaled(g)                 # u = fmap(f) * sqrt(gamma)
+        self.affine = Affine(self.fmap)
+        self.register_buffer("sv2", torch.tensor(2.0 * sv.reshape(c * m, d).T, dtype=torch.float32))
+        self.register_buffer("bias", torch.tensor(bias.reshape(c * m), dtype=torch.float32))
+        self.register_buffer("log_rho", torch.tensor(log_rho, dtype=torch.float32))
+        # float64 copies for UniformHead's fused graph (folded before the float32 cast).
+        self._f64 = {"sv2": 2.0 * sv, "bias": bias, "log_rho": log_rho}
+
+    def fused(self, m: int) -> tuple[np.ndarray, np.ndarray]:
+        """The affine map and log rho folded in, padded to ``m`` support vectors per class:
+        ``z_k = f @ W[k] + c[k]`` with ``W [C, D, m]``, ``c [C, m]``, so that
+        ``logsumexp_i z_k[i] = log sum_i a_i K(x, s_i) - ||u||^2 - log rho'_k``."""
+        p = self._f64
+        c, d = self.num_classes, len(self.fmap.mean)
+        sv2 = np.zeros((c, m, d))
+        sv2[:, :self.max_sv] = p["sv2"]
+        real = np.zeros((c, m), bool)
+        real[:, :self.max_sv] = p["bias"] > PAD_LOGIT
+        bias = np.pad(p["bias"], ((0, 0), (0, m - self.max_sv)))
+        const = sv2 @ self.fmap.bias() + bias - p["log_rho"][:, None]   # b . 2s + bias - log rho'
+        const = np.where(real, const, PAD_LOGIT)
+        t = self.fmap.transform
+        if t.ndim == 2:
+            w = np.einsum("de,cme->cdm", t, sv2)                         # A @ 2s, [C, D, m]
+        else:
+            w = (sv2 * t).transpose(0, 2, 1)                             # diag(w) @ 2s, [C, D, m]
+        return np.ascontiguousarray(w), const
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        u = self.affine(f)
+        z = torch.matmul(u, self.sv2) + self.bias
+        lse = torch.logsumexp(z.reshape(-1, self.num_classes, self.max_sv), dim=2)
+        return (u * u).sum(dim=1, keepdim=True) - lse + self.log_rho
+
+
+    def raw_for(self, f: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+        """raw of class ``cls[i]`` for row i, ``[B]``."""
+        return self(f).gather(1, cls.reshape(-1, 1)).squeeze(1)
+
+
+class CodebookLayerRegions(nn.Module):
+    """All classes' RBF regions of one layer over one shared codebook (see the module
+    docstring). ``forward(f [B, D]) -> raw [B, C]``; ``raw_for(f, cls) -> [B]`` reads only the
+    given classes' weights, which is what the graph runs."""
+
+    def __init__(self, fmap: FeatureMap, regions: Sequence[boundaries.RBFRegion], size: int,
+                 per_class: int, seed: int = 0):
+        super().__init__()
+        g = math.sqrt(regions[0].gamma)
+        book, assign = boundaries.codebook([r.support_vectors * g for r in regions], size, seed)
+        c, t = len(regions), max(1, min(per_class, max(len(a) for a in assign)))
+        idx = np.zeros((c, t), np.int32)   # int32 halves the largest per-class table; cast after the gather
+        log_a = np.full((c, t), PAD_LOGIT)
+        log_rho = np.zeros(c)
+        for k, (r, a) in enumerate(zip(regions, assign)):
+            # each support vector's weight moves to its prototype; a class keeps its t heaviest
+            w = np.bincount(a, weights=r.alpha, minlength=len(book))
+            top = np.argsort(-w)[:t]
+            top = top[w[top] > 0]
+            idx[k, :len(top)] = top
+            log_a[k, :len(top)] = np.log(w[top] / w[top].sum())
+            log_rho[k] = math.log(r.rho / r.alpha.sum())
+        # Anchored at the class's heaviest prototype q: ||u - p||^2 = ||w||^2 - 2 w.p + 2 w.q +
+        # ||p - q||^2 with w = u - q small for the class's own inputs, and ||p - q||^2 folded
+        # in float64. Expanding around 0 instead (||u||^2 - 2 u.p + ||p||^2) subtracts large
+        # numbers: on tight, far-apart classes float32 rounding then reaches 1e-3 of the score.
+        anchor = book[idx[:, 0]]
+        log_a = log_a - ((book[idx] - anchor[:, None, :]) ** 2).sum(-1)
+        self.num_classes, self.max_sv, self.codebook_size = c, t, len(book)
+        self.affine = Affine(fmap.scaled(g))                 # u = fmap(f) * sqrt(gamma)
+        self.register_buffer("book", torch.tensor(book, dtype=torch.float32))              # [K, D]
+        self.register_buffer("idx", torch.tensor(idx))                                     # [C, t]
+        self.register_buffer("log_a", torch.tensor(log_a, dtype=torch.float32))           # [C, t]
+        self.register_buffer("log_rho", torch.tensor(log_rho, dtype=torch.float32))       # [C]
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        """Every class's raw (the reference; the graph runs ``raw_for``): ``[B, C]``."""
+        return torch.stack([self.raw_for(f, torch.full((len(f),), c, dtype=torch.int64))
+                            for c in range(self.num_classes)], dim=1)
+
+    def raw_for(self, f: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+        idx = torch.index_select(self.idx, 0, cls).long()                                 # [B, t]
+        q = torch.index_select(self.book, 0, idx[:, 0])                                   # [B, D]
+        w = self.affine(f) - q
+        zc = 2.0 * torch.gather(torch.matmul(w, self.book.T), 1, idx)                     # [B, t]
+        zc = zc - 2.0 * (w * q).sum(dim=1, keepdim=True) + torch.index_select(self.log_a, 0, cls)
+        return (w * w).sum(dim=1) - torch.logsumexp(zc, dim=1) + torch.index_select(self.log_rho, 0, cls)
+
+
+class BallLayerRegions(nn.Module):
+    """All classes' balls of one layer. ``forward(f [B,D]) -> raw [B, C] = ||h - c|| - r``."""
+
+    def __init__(self, fmap: FeatureMap, regions: Sequence[boundaries.BallRegion]):
+        super().__init__()
+        self.affine = Affine(fmap)
+        self.register_buffer("centers", torch.tensor(np.stack([r.center for r in regions]), dtype=torch.float32))
+        self.register_buffer("radius", torch.tensor([r.radius for r in regions], dtype=torch.float32))
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        # The differences themselves, not ||h||^2 - 2 h.c + ||c||^2: near a centre that
+        # expansion cancels and sqrt() turns the float32 rounding into visible noise.
+        diff = self.affine(f).unsqueeze(1) - self.centers                  # [B, C, D]
+        return torch.sqrt((diff * diff).sum(dim=2)) - self.radius
+
+    def raw_for(self, f: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+        return self(f).gather(1, cls.reshape(-1, 1)).squeeze(1)
+
+
+class UniformHead(nn.Module):
+    """``(logits, pred, feats) -> (score [B], layer_scores [B, L])``; higher = more anomalous.
+
+    layer_score_l = (raw_l[c^] - centre_l[c^]) / scale_l[c^]; score = max over layers.
+
+    With RBF regions the graph is fused across layers (few ops: at batch 1 onnxruntime's
+    per-node cost and the weight reads dominate, not the arithmetic): the feature map,
+    sqrt(gamma), log rho and the centre are folded into one weight ``W_l [C, D_l, m]`` and
+    one constant per layer, the kernel logits of the predicted class come from
+    ``_kernel_logits`` (an ``If`` on the batch size in the graph), one ReduceLogSumExp covers
+    all layers, and ||u||^2 of every layer is one MatMul of the squared centred features (a
+    whitened layer enters that concat as f @ A, one MatMul with its D x D map). The per-layer region
+    modules (``raw``) stay the unfused reference; both give the same numbers up to float error.
+    """
+
+    def __init__(self, regions: Sequence[nn.Module], scales: np.ndarray, centres: np.ndarray):
+        super().__init__()
+        self.regions = nn.ModuleList(regions)
+        # [L, C] -> stored as [C, L] so one gather picks the predicted class for every layer.
+        self.register_buffer("inv_scale", torch.tensor(1.0 / scales.T, dtype=torch.float32))
+        self.register_buffer("centre", torch.tensor(centres.T, dtype=torch.float32))
+        self.fused = bool(regions) and all(isinstance(r, RBFLayerRegions) for r in regions)
+        #: the small-batch branch (torch.cond); the exporter turns it off for a model whose
+        #: own graph torch.export cannot trace together with a cond (e.g. some RNNs)
+        self.branching = True
+        if self.fused:
+            self._build_fused(regions, centres)
+
+    def _build_fused(self, regions: Sequence["RBFLayerRegions"], centres: np.ndarray) -> None:
+        m = max(r.max_sv for r in regions)
+        self.num_classes, self.max_sv = regions[0].num_classes, m
+        dims = [len(r.fmap.mean) for r in regions]
+        w2 = np.zeros((sum(dims), len(regions)))
+        consts, start, self.whitened, centre_of = [], 0, [], []
+        for li, (r, d) in enumerate(zip(regions, dims)):
+            t = r.fmap.transform
+            if t.ndim == 2:   # its segment of the concat holds f A, "centred" by -b: u = f A + b
+                self.whitened.append(li)
+                self.register_buffer(f"wh_a{li}", torch.tensor(t, dtype=torch.float32))
+                centre_of.append(-r.fmap.bias())
+                w2[start:start + d, li] = 1.0
+            else:             # ||u_l||^2 = sum_{d in l} w_d^2 (f_d - mean_d)^2
+                centre_of.append(r.fmap.mean)
+                w2[start:start + d, li] = t ** 2
+            w, c = r.fused(m)
+            self.register_buffer(f"sv_w{li}", torch.tensor(w, dtype=torch.float32))   # [C, D_l, m]
+            # logsumexp(z + centre) = logsumexp(z) + centre: the centre costs no graph node.
+            consts.append(np.where(c > PAD_LOGIT, c + centres[li][:, None], PAD_LOGIT))
+            start += d
+        self.register_buffer("sv_c", torch.tensor(np.stack(consts, axis=1), dtype=torch.float32))  # [C, L, m]
+        self.register_buffer("feat_mean", torch.tensor(np.concatenate(centre_of), dtype=torch.float32))
+        self.register_buffer("norm_w", torch.tensor(w2, dtype=torch.float32))         # [D, L]
+
+    def raw(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Raw outside-ness of every layer for every class: ``[B, L, C]``."""
+        return torch.stack([r(f) for r, f in zip(self.regions, feats)], dim=1)
+
+    def _kernel_logits(self, pred: torch.Tensor, *feats: torch.Tensor) -> torch.Tensor:
+        """``f_l @ W_l[pred]`` of every layer, ``[B, L, m]``. Small batches gather the
+        predicted class's support vectors first (reads ~1/C of the weights: that is what
+        costs at batch 1); large ones run one matmul per layer over all classes and gather
+        after (a gathered copy per input would cost more than the matmul). Same math."""
+        ws = [getattr(self, f"sv_w{li}") for li in range(len(feats))]
+        n_layers, m = len(feats), self.max_sv
+
+        def gather_first(pred, *feats):
+            return torch.cat([torch.matmul(f.unsqueeze(1), torch.index_select(w, 0, pred))
+                              for f, w in zip(feats, ws)], dim=1)                    # [B, L, m]
+
+        def matmul_first(pred, *feats):
+            z = torch.cat([torch.matmul(f, w) for f, w in zip(feats, ws)], dim=2)     # [C, B, L*m]
+            idx = pred.reshape(1, -1, 1).expand(1, -1, z.shape[2])
+            return z.gather(0, idx).reshape(-1, n_layers, m)
+
+        if not self.branching:
+            return matmul_first(pred, *feats)
+        return torch.cond(pred.shape[0] <= SMALL_BATCH, gather_first, matmul_first, (pred, *feats))
+
+    def _fused_raw(self, pred: torch.Tensor, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Centred raw outside-ness of the predicted class at every layer: ``[B, L]``."""
+        g = torch.cat([torch.matmul(f, getattr(self, f"wh_a{li}")) if li in self.whitened else f
+                       for li, f in enumerate(feats)], dim=1) - self.feat_mean
+        norms = torch.matmul(g * g, self.norm_w)                                       # [B, L]
+        z = self._kernel_logits(pred, *feats) + torch.index_select(self.sv_c, 0, pred)  # [B, L, m]
+        return norms - torch.logsumexp(z, dim=2)
+
+    def forward(self, logits: torch.Tensor, pred: torch.Tensor, feats: Sequence[torch.Tensor]):
+        if self.fused:
+            layer_scores = self._fused_raw(pred, feats) * torch.index_select(self.inv_scale, 0, pred)
+            return layer_scores.amax(dim=1), layer_scores
+        raw = torch.stack([r.raw_for(f, pred) for r, f in zip(self.regions, feats)], dim=1)   # [B, L]
+        layer_scores = (raw - torch.index_select(self.centre, 0, pred)) * torch.index_select(self.inv_scale, 0, pred)
+        return layer_scores.amax(dim=1), layer_scores
