@@ -66,19 +66,25 @@ def _default_check_inputs(det, n: int = 64) -> np.ndarray:
     return rng.uniform(lo, hi, size=(n, *det.input_shape)).astype(np.float32)
 
 
+@contextlib.contextmanager
+def quiet_torch_export(verbose: bool = False):
+    """Around ``torch.onnx.export``: its loggers, warnings and stdout, silenced unless
+    ``verbose`` (it logs optional-registry warnings such as "torchvision is not installed")."""
+    for name in ("torch.onnx", "torch.onnx._internal.exporter._registration", "torch.export"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.ERROR)
+    redirect = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+    with warnings.catch_warnings(), redirect:
+        warnings.simplefilter("ignore")
+        yield
+
+
 def _torch_export(module, example: torch.Tensor, names: list[str], verbose: bool):
     import onnx
 
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     thr = torch.tensor(0.0, dtype=torch.float32)
-    sink = io.StringIO()
-    # torch's exporter logs optional-registry warnings (e.g. "torchvision is not installed").
-    for name in ("torch.onnx", "torch.onnx._internal.exporter._registration", "torch.export"):
-        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.ERROR)
-    redirect = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(sink)
     try:
-        with warnings.catch_warnings(), redirect:
-            warnings.simplefilter("ignore")
+        with quiet_torch_export(verbose):
             program = torch.onnx.export(
                 module, (example, thr), f=None, input_names=["input", fmt.INPUT_THRESHOLD],
                 output_names=names, dynamic_shapes=({0: batch}, None), dynamo=True,

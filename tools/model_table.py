@@ -60,13 +60,10 @@ def _time(path: Path, shape: tuple[int, ...], repeats: int) -> dict[str, float]:
 
 def _bare(model: torch.nn.Module, shape: tuple[int, ...], path: Path) -> Path:
     """The classifier alone, exported the way ufad exports it (dynamo, dynamic batch)."""
-    import contextlib
-    import io
-    import warnings
+    from ufad.exporter.onnx_export import quiet_torch_export
 
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
+    with quiet_torch_export():
         prog = torch.onnx.export(model, (torch.rand(2, *shape),), f=None, dynamic_shapes=({0: batch},),
                                  dynamo=True, external_data=False, optimize=True)
     prog.save(str(path), external_data=False)

@@ -24,16 +24,13 @@ judges it against a bars file.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
-import logging
 import math
 import os
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -84,11 +81,10 @@ def export_bare(model, example: np.ndarray, path: Path) -> int:
 
     from ufad.runtime import format as fmt
 
+    from ..onnx_export import quiet_torch_export
+
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    for name in ("torch.onnx", "torch.onnx._internal.exporter._registration", "torch.export"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
+    with quiet_torch_export():
         program = torch.onnx.export(
             model, (torch.as_tensor(example),), f=None, input_names=["input"],
             output_names=[fmt.OUT_LOGITS], dynamic_shapes=({0: batch},), dynamo=True,
