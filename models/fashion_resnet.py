@@ -2,7 +2,8 @@
 architecturally different reference model (residual blocks + batch norm, global pooling).
 
 ``pretrained()`` returns it with the committed weights (``fashion_resnet.safetensors``, made by
-``python -m ufad.models.train fashion_resnet --epochs 3 --threads 1``), in eval mode. Inputs: float32
+``python -m ufad.models.train fashion_resnet --epochs 15 --threads 1 --log``: 93.2% test accuracy;
+per-image random crops and flips, see ``fashion_resnet.json`` / ``.log``), in eval mode. Inputs: float32
 ``[B,1,28,28]`` in ``[0, 1]``.
 """
 
@@ -15,6 +16,7 @@ from torch import nn
 
 WEIGHTS = Path(__file__).with_name("fashion_resnet.safetensors")
 DATASET = "fashion_mnist"
+AUGMENT = "crop_flip"  # models/train.py: per-image random crops and horizontal flips
 
 
 class BasicBlock(nn.Module):

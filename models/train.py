@@ -1,7 +1,7 @@
 """Train a reference model on its real, offline dataset and write its safetensors weights.
 
     python -m ufad.models.train mnist_cnn            # -> models/mnist_cnn.safetensors
-    python -m ufad.models.train fashion_resnet --epochs 3 --threads 1
+    python -m ufad.models.train fashion_resnet --epochs 15 --threads 1 --log   # 93.2%, ~15 min
 
 Deterministic for a given seed on CPU. Prints test accuracy at the end.
 """
@@ -32,7 +32,29 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch: int = 1000) 
     return correct / len(x)
 
 
-def train(name: str, epochs: int, lr: float, batch: int, seed: int, out: Path | None) -> dict:
+def augment(xb: torch.Tensor, rng: np.random.Generator, kind: str) -> torch.Tensor:
+    """A training batch, augmented as the model module asks (``AUGMENT``).
+
+    ``"shift"``: one random roll of up to 2 pixels for the whole batch (digits: no flips).
+    ``"crop_flip"``: per image, a random 28x28 crop of the 2-pixel zero-padded image and a
+    horizontal flip with probability 1/2 (clothing is left/right symmetric).
+    """
+    if kind == "shift":
+        dx, dy = rng.integers(-2, 3, size=2)
+        return torch.roll(xb, shifts=(int(dx), int(dy)), dims=(2, 3))
+    if kind != "crop_flip":
+        raise ValueError(f"unknown AUGMENT {kind!r}; expected 'shift' or 'crop_flip'")
+    n, _, h, w = xb.shape
+    padded = nn.functional.pad(xb, (2, 2, 2, 2))
+    off = rng.integers(0, 5, size=(n, 2))
+    out = torch.stack([padded[i, :, oy:oy + h, ox:ox + w] for i, (oy, ox) in enumerate(off)])
+    flip = torch.from_numpy(rng.random(n) < 0.5)
+    out[flip] = out[flip].flip(-1)
+    return out
+
+
+def train(name: str, epochs: int, lr: float, batch: int, seed: int, out: Path | None,
+          log: bool = False) -> dict:
     """Train model module ``ufad.models.<name>`` and save its weights; returns a summary."""
     from safetensors.torch import save_file
     from tqdm import tqdm
@@ -43,6 +65,7 @@ def train(name: str, epochs: int, lr: float, batch: int, seed: int, out: Path | 
     model = mod.build()
     x, y = datasets.load(mod.DATASET, "train")
     xte, yte = datasets.load(mod.DATASET, "test")
+    xva, yva = datasets.load(mod.DATASET, "valid")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * (len(x) // batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
@@ -54,10 +77,7 @@ def train(name: str, epochs: int, lr: float, batch: int, seed: int, out: Path | 
         bar = tqdm(range(len(x) // batch), desc=f"epoch {epoch + 1}/{epochs}")
         for i in bar:
             idx = order[i * batch:(i + 1) * batch]
-            xb = torch.from_numpy(x[idx])
-            # light augmentation: random shifts of up to 2 pixels
-            dx, dy = rng.integers(-2, 3, size=2)
-            xb = torch.roll(xb, shifts=(int(dx), int(dy)), dims=(2, 3))
+            xb = augment(torch.from_numpy(x[idx]), rng, getattr(mod, "AUGMENT", "shift"))
             loss = loss_fn(model(xb), torch.from_numpy(y[idx]))
             opt.zero_grad()
             loss.backward()
@@ -65,6 +85,10 @@ def train(name: str, epochs: int, lr: float, batch: int, seed: int, out: Path | 
             sched.step()
             if i % 50 == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
+        if log:
+            log_line = {"epoch": epoch + 1, "loss": round(loss.item(), 4),
+                        "valid_accuracy": evaluate(model, xva, yva), "seconds": round(time.time() - t0, 1)}
+            print(json.dumps(log_line), flush=True)
     acc = evaluate(model, xte, yte)
     out = out or Path(mod.__file__).with_name(f"{name}.safetensors")
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -83,12 +107,13 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--log", action="store_true", help="print validation accuracy after every epoch")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (1 is fastest on a busy shared CPU)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    print(json.dumps(train(a.model, a.epochs, a.lr, a.batch, a.seed, a.out), indent=2))
+    print(json.dumps(train(a.model, a.epochs, a.lr, a.batch, a.seed, a.out, a.log), indent=2))
 
 
 if __name__ == "__main__":
