@@ -24,12 +24,15 @@ import click
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--bars", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="judge the uniform detector against the 'eval' bars of this file (the project's: tools/bars.json)")
+@click.option("--adaptive", is_flag=True,
+              help="also attack the uniform detector with an attacker who knows it (white-box PGD on the "
+                   "torch reference, black-box Square on the .onnx): the robust-detection table")
 @click.option("--threads", type=int, default=2, show_default=True, help="torch / onnxruntime threads")
 @click.option("--no-plots", is_flag=True, help="skip the PNG plots")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 @click.option("--reuse", is_flag=True,
               help="load setups already evaluated in --out-dir with the same options instead of recomputing")
-def eval_command(setup, quick, out_dir, detectors, results_md, split, seed, bars, threads, no_plots, quiet, reuse):
+def eval_command(setup, quick, out_dir, detectors, results_md, split, seed, bars, adaptive, threads, no_plots, quiet, reuse):
     """Fit every registered detector on ID data, export it to .onnx and measure the exported
     file (onnxruntime) on OOD, adversarial and noise sets. Writes report.md, results.json and
     ROC / histogram PNGs into --out-dir."""
@@ -45,7 +48,8 @@ def eval_command(setup, quick, out_dir, detectors, results_md, split, seed, bars
     command = "ufad eval " + " ".join(shlex.quote(a) for a in args) if args else "ufad eval"
     res = evaluate(setup, out_dir, quick=quick, detectors=list(detectors) or None, split=split, seed=seed,
                    threads=threads, progress=not quiet, plots=not no_plots, command=command,
-                   results_md=results_md, reuse=reuse, bars=spec)
+                   results_md=results_md, reuse=reuse, bars=spec,
+                   adaptive=adaptive)
     for name, r in res["setups"].items():
         for det, d in r["detectors"].items():
             m = d["mean_auroc"]

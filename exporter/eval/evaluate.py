@@ -74,6 +74,20 @@ ATTACKS_QUICK: list[tuple[str, str, dict[str, Any], bool]] = [
 ]
 
 
+# Adaptive attacks (``--adaptive``) on the uniform detector: L-inf budgets per setup (the
+# issue's: MNIST is easier to perturb than Fashion-MNIST) and (variant, loss, lambda) runs.
+ADAPTIVE_EPS = {"mnist_cnn": (0.05, 0.1, 0.2), "fashion_resnet": (0.03, 0.05, 0.1)}
+ADAPTIVE_RUNS: list[tuple[str, str, float]] = [
+    ("pgd", "ce", 0.0),       # detector-unaware PGD: the reference point
+    ("pgd", "ce", 1.0),
+    ("pgd", "hinge", 0.1),
+    ("pgd", "hinge", 1.0),
+    ("square", "hinge", 0.1),
+]
+ADAPTIVE_SIZES = {"full": {"n": 300, "steps": 40, "queries": 500}, "quick": {"n": 60, "steps": 10, "queries": 100}}
+ADAPTIVE_DETECTOR = "uniform"
+
+
 def _log(msg: str, progress: bool) -> None:
     if progress:
         from tqdm.auto import tqdm
@@ -143,8 +157,10 @@ def _check_inputs(data: dict[str, Any], seed: int) -> np.ndarray:
 
 def run_detector(name: str, cls, model, class_names: list[str], data: dict[str, Any],
                  sets: Sequence[anomalies.AnomalySet], onnx_path: Path, *, seed: int, threads: int,
-                 progress: bool, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Fit, calibrate, export one detector; score everything with AnomalySession on the file."""
+                 progress: bool, kwargs: dict[str, Any] | None = None,
+                 adaptive: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fit, calibrate, export one detector; score everything with AnomalySession on the file.
+    ``adaptive`` (eps, runs, n, steps, queries): also attack this detector adaptively."""
     from ufad.runtime import AnomalySession
 
     out: dict[str, Any] = {"kwargs": kwargs or {}}
@@ -186,6 +202,14 @@ def run_detector(name: str, cls, model, class_names: list[str], data: dict[str, 
     t4 = time.time()
     out["seconds"] = {"fit": round(t1 - t0, 2), "calibrate": round(t2 - t1, 2), "export": round(t3 - t2, 2),
                       "score_onnx": round(t4 - t3, 2)}
+    if adaptive:
+        from .adaptive import run_adaptive
+
+        n = adaptive["n"]
+        out["adaptive"] = run_adaptive(det, sess, data["x_id"][:n], data["y_id"][:n], adaptive["eps"],
+                                       adaptive["runs"], steps=adaptive["steps"], queries=adaptive["queries"],
+                                       seed=seed, progress=progress)
+        out["seconds"]["adaptive"] = round(time.time() - t4, 2)
     by_kind = {k: [m["auroc"] for m in out["sets"].values() if m["kind"] == k] for k in anomalies.KINDS}
     out["mean_auroc"] = {k: (float(np.mean(v)) if v else None) for k, v in by_kind.items()}
     present = [v for v in out["mean_auroc"].values() if v is not None]
@@ -197,8 +221,9 @@ def run_detector(name: str, cls, model, class_names: list[str], data: dict[str, 
 def evaluate_setup(setup: str, out_dir: Path, *, quick: bool = False, detectors: Sequence[str] | None = None,
                    detector_kwargs: dict[str, dict[str, Any]] | None = None, split: str = "test",
                    sizes: Sizes | None = None, attack_plan=None, seed: int = 0, threads: int = 2,
-                   progress: bool = True) -> dict[str, Any]:
-    """Evaluate every selected detector on one setup; returns its results (scores under ``_scores``)."""
+                   progress: bool = True, adaptive: bool = False) -> dict[str, Any]:
+    """Evaluate every selected detector on one setup; returns its results (scores under ``_scores``).
+    ``adaptive``: also run the adaptive attacks (``ADAPTIVE_*``) on the uniform detector."""
     from ..detectors import DETECTORS
 
     names = list(DETECTORS) if detectors is None else list(detectors)
@@ -228,7 +253,8 @@ def evaluate_setup(setup: str, out_dir: Path, *, quick: bool = False, detectors:
         try:
             res["detectors"][name] = run_detector(
                 name, DETECTORS[name], model, class_names, data, sets, path, seed=seed, threads=threads,
-                progress=progress, kwargs=(detector_kwargs or {}).get(name))
+                progress=progress, kwargs=(detector_kwargs or {}).get(name),
+                adaptive=_adaptive_plan(setup, quick) if adaptive and name == ADAPTIVE_DETECTOR else None)
         except Exception as e:  # one broken detector must not hide the others' numbers
             res["errors"][name] = f"{type(e).__name__}: {e}"
             _log(f"[{setup}] detector {name} FAILED: {type(e).__name__}: {e}", True)
@@ -239,6 +265,10 @@ def evaluate_setup(setup: str, out_dir: Path, *, quick: bool = False, detectors:
              f"fit {d['seconds']['fit']}s export {d['seconds']['export']}s", progress)
     res["seconds_total"] = round(time.time() - t0, 2)
     return res
+
+
+def _adaptive_plan(setup: str, quick: bool) -> dict[str, Any]:
+    return {"eps": ADAPTIVE_EPS[setup], "runs": ADAPTIVE_RUNS, **ADAPTIVE_SIZES["quick" if quick else "full"]}
 
 
 def _f(v: float | None, nd: int = 3) -> str:
@@ -256,7 +286,7 @@ def evaluate(setup: str | Sequence[str], out_dir: str | Path, quick: bool = Fals
              split: str = "test", sizes: Sizes | None = None, attack_plan=None, seed: int = 0, threads: int = 2,
              progress: bool = True, plots: bool = True, command: str | None = None,
              results_md: str | Path | None = None, reuse: bool = False,
-             bars: dict[str, Any] | None = None) -> dict[str, Any]:
+             bars: dict[str, Any] | None = None, adaptive: bool = False) -> dict[str, Any]:
     """Evaluate ``setup`` (a name, a list, or "all") and write report.md, results.json and
     PNG plots into ``out_dir`` (and the report to ``results_md`` when given). Returns the
     results dict (what results.json holds).
@@ -264,7 +294,8 @@ def evaluate(setup: str | Sequence[str], out_dir: str | Path, quick: bool = Fals
     Each setup's results are also saved as ``setup_<name>.json`` + ``scores_<name>.npz``;
     with ``reuse=True`` a setup already evaluated in ``out_dir`` with the same configuration
     is loaded instead of recomputed (to resume, or to run setups in parallel and assemble).
-    ``bars`` (the ``eval`` section of a bars file) is kept in results.json and judged in the report."""
+    ``bars`` (the ``eval`` section of a bars file) is kept in results.json and judged in the report.
+    ``adaptive``: also attack the uniform detector with an attacker who knows it (``adaptive.py``)."""
     setups = list(SETUPS) if setup == "all" else ([setup] if isinstance(setup, str) else list(setup))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -272,7 +303,8 @@ def evaluate(setup: str | Sequence[str], out_dir: str | Path, quick: bool = Fals
     per = {}
     config = {"quick": quick, "split": split, "seed": seed, "detectors": None if detectors is None else list(detectors),
               "detector_kwargs": detector_kwargs or {}, "sizes": asdict(sizes) if sizes else None,
-              "attack_plan": None if attack_plan is None else [list(a) for a in attack_plan]}
+              "attack_plan": None if attack_plan is None else [list(a) for a in attack_plan],
+              **({"adaptive": True} if adaptive else {})}
     for s in setups:
         cached = _load_setup_result(out_dir, s, config) if reuse else None
         if cached is not None:
@@ -281,7 +313,7 @@ def evaluate(setup: str | Sequence[str], out_dir: str | Path, quick: bool = Fals
             continue
         per[s] = evaluate_setup(s, out_dir, quick=quick, detectors=detectors, detector_kwargs=detector_kwargs,
                                 split=split, sizes=sizes, attack_plan=attack_plan, seed=seed, threads=threads,
-                                progress=progress)
+                                progress=progress, adaptive=adaptive)
         _save_setup_result(out_dir, per[s], config)
     if plots:
         from .report import write_plots
@@ -355,4 +387,5 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
-__all__ = ["evaluate", "evaluate_setup", "Sizes", "FULL", "QUICK", "ATTACKS_FULL", "ATTACKS_QUICK", "SETUPS"]
+__all__ = ["evaluate", "evaluate_setup", "Sizes", "FULL", "QUICK", "ATTACKS_FULL", "ATTACKS_QUICK", "SETUPS",
+           "ADAPTIVE_EPS", "ADAPTIVE_RUNS"]

@@ -88,7 +88,65 @@ def write_plots(res: dict[str, Any], out_dir: Path) -> list[str]:
         ax.legend(fontsize=7)
     fig.suptitle(f"{setup}: anomaly scores (higher = more anomalous; clipped to 0.5-99.5%)", fontsize=10)
     files.append(_save(plt, fig, Path(out_dir) / f"hist_{setup}.png"))
-    return files
+    return files + write_adaptive_plot(res, out_dir)
+
+
+THREAT_MODEL = (
+    "Threat model: the attacker knows the classifier and the fitted detector. White box: L-inf PGD "
+    "with a random start through the detector's torch reference (the module that was exported, so "
+    "the same score as the file). Black box: the Square attack querying only the .onnx for logits "
+    "and score. Budget `eps` (pixels in [0, 1]) around a correctly classified ID test image; the "
+    "attacker keeps the first iterate that is misclassified AND accepted. Objectives (minimised): "
+    "`ce`: -CE + lam * score; `hinge`: max(margin, -1) + lam * max(score - threshold, 0), whose "
+    "terms stop pulling once each goal is met. `ce`, lam = 0 is the plain, detector-unaware PGD. "
+    "Robust detection = fraction of attempts that end correctly classified or flagged at the "
+    "calibrated threshold (verdicts of the shipped file); evasion = 1 - robust detection.")
+
+
+def _adaptive_md(r: dict[str, Any], name: str = "uniform") -> list[str]:
+    runs = r["detectors"].get(name, {}).get("adaptive")
+    if not runs:
+        return []
+    L = [f"### Adaptive attacks on `{name}` (the attacker knows the detector)\n", THREAT_MODEL + "\n"]
+    L.append("| eps | attack | objective | lam | n | robust detection | misclassified | evaded | "
+             "flagged of misclassified | mean L-inf / L2 of evading | s |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    for a in runs:
+        p = a["params"]
+        kind = "white-box PGD" if a["variant"] == "pgd" else "black-box Square"
+        budget = f"{p['steps']} steps" if "steps" in p else f"{p['queries']} queries"
+        L.append(f"| {a['eps']:g} | {kind}, {budget} | {p['loss']} | {p['lam']:g} | {a['n']} | "
+                 f"**{_pct(a['robust_detection'])}** | {_pct(a['misclassified_rate'])} | {_pct(a['evasion_rate'])} | "
+                 f"{_pct(a['flagged_rate_of_misclassified'])} | {_f(a['mean_linf_evaded'])} / {_f(a['mean_l2_evaded'])} | "
+                 f"{a['seconds']:.0f} |")
+    worst = {}
+    for a in runs:
+        worst[a["eps"]] = min(worst.get(a["eps"], 1.0), a["robust_detection"])
+    L.append("")
+    L.append("Worst case over the attacks above (robust detection): "
+             + ", ".join(f"eps {e:g}: **{_pct(v)}**" for e, v in worst.items()) + ".\n")
+    return L
+
+
+def write_adaptive_plot(res: dict[str, Any], out_dir: Path, name: str = "uniform") -> list[str]:
+    """Robust detection vs eps, one line per attack configuration (empty without adaptive runs)."""
+    runs = res["detectors"].get(name, {}).get("adaptive")
+    if not runs:
+        return []
+    plt, fig, (ax,) = _grid(1)
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for a in runs:
+        key = f"{a['variant']} {a['params']['loss']} lam={a['params']['lam']:g}"
+        lines.setdefault(key, []).append((a["eps"], a["robust_detection"]))
+    for key, pts in lines.items():
+        xs, ys = zip(*sorted(pts))
+        ax.plot(xs, ys, marker="o", lw=1.2, ls="--" if key.startswith("square") else "-", label=key)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("L-inf budget eps", fontsize=8)
+    ax.set_ylabel("robust detection (correct or flagged)", fontsize=8)
+    ax.set_title(f"{res['setup']}: adaptive attacks on {name}", fontsize=9)
+    ax.legend(fontsize=7)
+    return [_save(plt, fig, Path(out_dir) / f"adaptive_{res['setup']}.png")]
 
 
 def _setup_md(r: dict[str, Any], image_prefix: str = "") -> list[str]:
@@ -147,6 +205,7 @@ def _setup_md(r: dict[str, Any], image_prefix: str = "") -> list[str]:
         L.append(f"| {s} | {a['attack']} | {params} | {_pct(a['success_rate'])} | {a['n_success']}/{a['n_clean_correct']} | "
                  f"{_f(a['mean_linf'])} | {_f(a['mean_l2'])} | {a['seconds']:.1f} |")
     L.append("")
+    L.extend(_adaptive_md(r))
     L.append("### All metrics per detector and set\n")
     L.append("AUROC, AUPR-IN (ID positive), AUPR-OUT (anomaly positive), FPR@95%TPR (anomalies accepted "
              "when 95% of ID is accepted; lower is better), detection accuracy (best balanced accuracy), "
