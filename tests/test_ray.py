@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.cluster   # its own tier: pytest -m cluster (CI runs it after the default run)
+
 pytest.importorskip("ray", reason="the Ray tier needs the ray extra: pip install 'ufad[ray]'")
 pytest.importorskip("pyarrow", reason="the Ray tier needs pyarrow: pip install 'ufad[ray]'")
 

@@ -81,7 +81,7 @@ def zoo_rows(work: Path, repeats: int) -> list[dict]:
     rows = []
     for name in ("resnet18", "mobilenet_v3_small", "vit_tiny", "normalised_cnn", "cnn1d", "gru", "mlp"):
         t0 = time.time()
-        x, y, x_test, x_ood, noise = tz._data(name)
+        x, y, x_test, _, x_ood, noise = tz._data(name)
         torch.manual_seed(0)
         model = ns[name]()
         if name != "normalised_cnn":
