@@ -84,7 +84,7 @@ ADAPTIVE_RUNS: list[tuple[str, str, float]] = [
     ("pgd", "hinge", 1.0),
     ("square", "hinge", 0.1),
 ]
-ADAPTIVE_SIZES = {"full": {"n": 300, "steps": 40, "queries": 500}, "quick": {"n": 60, "steps": 10, "queries": 100}}
+ADAPTIVE_SIZES = {"full": {"n": 200, "steps": 40, "queries": 500}, "quick": {"n": 60, "steps": 10, "queries": 100}}
 ADAPTIVE_DETECTOR = "uniform"
 
 
@@ -102,7 +102,8 @@ def _take(x: np.ndarray, y: np.ndarray, n: int | None, seed: int) -> tuple[np.nd
     return x[idx], y[idx]
 
 
-def _load_setup(setup: str):
+def load_setup(setup: str):
+    """``(model, dataset name)`` of a reference setup (its committed weights, eval mode)."""
     if setup not in SETUPS:
         raise EvaluationError(f"unknown setup {setup!r}; choose one of {list(SETUPS)} or 'all'")
     mod = importlib.import_module(f"ufad.models.{setup}")
@@ -111,7 +112,8 @@ def _load_setup(setup: str):
     return mod.pretrained(), mod.DATASET
 
 
-def _build_data(model, dataset: str, sizes: Sizes, split: str, seed: int) -> dict[str, Any]:
+def build_data(model, dataset: str, sizes: Sizes, split: str, seed: int) -> dict[str, Any]:
+    """The ID arrays of one run: fit, calibration and ID evaluation sets (see ``split``)."""
     x_tr, y_tr = datasets.load(dataset, "train")
     x_va, y_va = datasets.load(dataset, "valid")
     if split == "test":
@@ -233,10 +235,10 @@ def evaluate_setup(setup: str, out_dir: Path, *, quick: bool = False, detectors:
     sizes = sizes or (QUICK if quick else FULL)
     attack_plan = attack_plan if attack_plan is not None else (ATTACKS_QUICK if quick else ATTACKS_FULL)
     t0 = time.time()
-    model, dataset = _load_setup(setup)
+    model, dataset = load_setup(setup)
     class_names = datasets.class_names(dataset)
     _log(f"[{setup}] ID = {dataset}; building data and anomaly sets ({'quick' if quick else 'full'}, split={split})", progress)
-    data = _build_data(model, dataset, sizes, split, seed)
+    data = build_data(model, dataset, sizes, split, seed)
     sets, attack_info = build_anomaly_sets(model, dataset, data, sizes, attack_plan, split, seed, progress)
     t_data = time.time() - t0
     res: dict[str, Any] = {
