@@ -17,7 +17,7 @@ Output kinds and their reductions to ``[B, D]`` (per channel, never per position
 
 | kind | shape | reductions (default first) |
 |---|---|---|
-| ``vector`` | ``[B, D]`` | ``none`` |
+| ``vector`` | ``[B, D]`` | ``none``, ``l2`` (divided by its L2 norm: Mahalanobis++) |
 | ``map`` | ``[B, C, H, W]``, ``[B, C, T]`` (conv / pool / 1-D conv outputs) | ``max`` (per-channel max over space or time; the detector's ``reduction``), ``mean``, ``flatten`` |
 | ``tokens`` | ``[B, N, D]`` (transformer blocks, norms, embeddings) | ``tokens_mean``, ``tokens_max``, ``cls`` (token 0) |
 | ``sequence`` | RNN / GRU / LSTM output (batch-first or not) | ``last`` (last step), ``tokens_max`` (max over time) |
@@ -47,10 +47,10 @@ OUTPUT_TAPS = (SOFTMAX, SOFTMAX_TOP)
 MAP_REDUCTIONS = ("max", "mean", "flatten")
 TOKEN_REDUCTIONS = ("tokens_mean", "tokens_max", "cls")
 SEQUENCE_REDUCTIONS = ("last", "tokens_max")
-REDUCTIONS = ("none", *MAP_REDUCTIONS, *TOKEN_REDUCTIONS, "last")
+REDUCTIONS = ("none", "l2", *MAP_REDUCTIONS, *TOKEN_REDUCTIONS, "last")
 PROBE_SAMPLES = 2
 DEFAULTS = {"vector": "none", "map": "max", "tokens": "tokens_mean", "sequence": "last"}
-ALLOWED = {"vector": ("none",), "map": MAP_REDUCTIONS, "tokens": TOKEN_REDUCTIONS,
+ALLOWED = {"vector": ("none", "l2"), "map": MAP_REDUCTIONS, "tokens": TOKEN_REDUCTIONS,
            "sequence": SEQUENCE_REDUCTIONS}
 
 _CHANNEL_FIRST_1D = (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d,
@@ -96,6 +96,9 @@ class Tap:
     def features(self, t: torch.Tensor) -> torch.Tensor:
         """Reduce the tapped tensor to ``[B, D]`` float32 with this tap's reduction."""
         how = self.reduction
+        if how == "l2" and t.dim() == 2:
+            t = t.float()
+            return t / t.norm(dim=1, keepdim=True).clamp_min(1e-12)
         if t.dim() == 2 or how == "none":
             return t.float()
         if how == "flatten":

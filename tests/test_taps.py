@@ -103,3 +103,17 @@ def test_ufad_layers_marks_the_automatic_choice():
     assert marked == ["block1", "block2", "block3", "penultimate"], res.stdout
     res = CliRunner().invoke(main, ["layers", "ufad.models.mnist_cnn:pretrained"])
     assert res.exit_code == 2 and "--input-shape" in res.stderr
+
+
+def test_l2_reduction_normalises_vectors_and_refuses_maps():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 16), nn.ReLU(),
+                          nn.Linear(16, 3)).eval()
+    x = torch.rand(5, 1, 8, 8)
+    (tap,) = resolve_taps(model, ["4:l2"], x)
+    with torch.no_grad():
+        f, h = tap.features(model[:5](x)), model[:5](x)
+    np.testing.assert_allclose(f.norm(dim=1).numpy(), 1.0, rtol=1e-6)
+    assert torch.allclose(f * h.norm(dim=1, keepdim=True), h, atol=1e-6)
+    with pytest.raises(ExportError, match=r"reduction 'l2' does not fit a map output"):
+        resolve_taps(model, ["0:l2"], x)
