@@ -38,18 +38,25 @@ def augment(xb: torch.Tensor, rng: np.random.Generator, kind: str) -> torch.Tens
     ``"shift"``: one random roll of up to 2 pixels for the whole batch (digits: no flips).
     ``"crop_flip"``: per image, a random 28x28 crop of the 2-pixel zero-padded image and a
     horizontal flip with probability 1/2 (clothing is left/right symmetric).
+    ``"crop_flip_noise"``: the same, then half of the images get Gaussian pixel noise of a
+    random sigma in [0, 0.1] (clipped to [0, 1]), so that faint sensor noise does not move
+    the features the detector monitors.
     """
     if kind == "shift":
         dx, dy = rng.integers(-2, 3, size=2)
         return torch.roll(xb, shifts=(int(dx), int(dy)), dims=(2, 3))
-    if kind != "crop_flip":
-        raise ValueError(f"unknown AUGMENT {kind!r}; expected 'shift' or 'crop_flip'")
+    if kind not in ("crop_flip", "crop_flip_noise"):
+        raise ValueError(f"unknown AUGMENT {kind!r}; expected 'shift', 'crop_flip' or 'crop_flip_noise'")
     n, _, h, w = xb.shape
     padded = nn.functional.pad(xb, (2, 2, 2, 2))
     off = rng.integers(0, 5, size=(n, 2))
     out = torch.stack([padded[i, :, oy:oy + h, ox:ox + w] for i, (oy, ox) in enumerate(off)])
     flip = torch.from_numpy(rng.random(n) < 0.5)
     out[flip] = out[flip].flip(-1)
+    if kind == "crop_flip_noise":
+        sigma = torch.from_numpy((rng.random(n) * 0.1 * (rng.random(n) < 0.5)).astype(np.float32))
+        noise = torch.from_numpy(rng.standard_normal(out.shape).astype(np.float32))
+        out = (out + sigma.view(-1, 1, 1, 1) * noise).clamp(0.0, 1.0)
     return out
 
 
