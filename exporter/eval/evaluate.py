@@ -53,7 +53,7 @@ class Sizes:
 FULL = Sizes(n_fit=None, n_calib=None, n_test=None, n_ood=None, n_noise=2000, n_attack=1000, n_attack_slow=500)
 QUICK = Sizes(n_fit=5000, n_calib=1000, n_test=1000, n_ood=500, n_noise=300, n_attack=200, n_attack_slow=100)
 
-# (set name, attack, params, slow?) -- eps in [0, 1] pixel units (L-inf)
+# (set name, attack, params, slow? or a number of images) -- eps in [0, 1] pixel units (L-inf)
 ATTACKS_FULL: list[tuple[str, str, dict[str, Any], bool]] = [
     ("fgsm_eps0.05", "fgsm", {"eps": 0.05}, False),
     ("fgsm_eps0.1", "fgsm", {"eps": 0.1}, False),
@@ -64,7 +64,18 @@ ATTACKS_FULL: list[tuple[str, str, dict[str, Any], bool]] = [
     ("pgd_eps0.3", "pgd", {"eps": 0.3, "steps": 20}, False),
     ("cw_l2", "cw_l2", {"steps": 50, "search_steps": 3, "c": 10.0, "lr": 0.1}, True),
     ("deepfool", "deepfool", {"steps": 30, "overshoot": 0.02, "candidates": 4}, True),
+    # The same families from the Adversarial Robustness Toolbox (an implementation nobody here
+    # wrote), plus its score-based black-box Square attack; successful attacks only, as ours.
+    # ART's CW-L2 and DeepFool cost 10-20x ours per image on 2 cores (DeepFool: 700 s for 500
+    # Fashion images), so they run on fewer images (the last element: a count).
+    ("art_fgsm_eps0.1", "art_fgsm", {"eps": 0.1}, False),
+    ("art_pgd_eps0.1", "art_pgd", {"eps": 0.1, "max_iter": 20}, False),
+    ("art_cw_l2", "art_cw_l2", {"max_iter": 30, "binary_search_steps": 2, "learning_rate": 0.01,
+                                "initial_const": 10.0}, 100),
+    ("art_deepfool", "art_deepfool", {"max_iter": 30, "epsilon": 0.02, "nb_grads": 4}, 100),
+    ("art_square_eps0.1", "art_square", {"eps": 0.1, "max_iter": 200}, True),
 ]
+ART_PREFIX = "art_"
 ATTACKS_QUICK: list[tuple[str, str, dict[str, Any], bool]] = [
     ("fgsm_eps0.1", "fgsm", {"eps": 0.1}, False),
     ("fgsm_eps0.3", "fgsm", {"eps": 0.3}, False),
@@ -137,9 +148,15 @@ def build_anomaly_sets(model, dataset: str, data: dict[str, Any], sizes: Sizes, 
     attack_info: dict[str, Any] = {}
     x_id, y_id = data["x_id"], data["y_id"]
     for name, attack, params, slow in attack_plan:
-        n = sizes.n_attack_slow if slow else sizes.n_attack
+        n = slow if type(slow) is int else (sizes.n_attack_slow if slow else sizes.n_attack)
         t0 = time.time()
-        res = run_attack(attack, model, x_id[:n], y_id[:n], seed=seed, progress=progress, **params)
+        if attack.startswith(ART_PREFIX):   # the same attack family from ART, an outside implementation
+            from .art_attacks import run_art_attack
+
+            res = run_art_attack(attack[len(ART_PREFIX):], model, x_id[:n], y_id[:n], seed=seed,
+                                 progress=progress, **params)
+        else:
+            res = run_attack(attack, model, x_id[:n], y_id[:n], seed=seed, progress=progress, **params)
         info = res.summary()
         info["seconds"] = round(time.time() - t0, 2)
         attack_info[name] = info

@@ -98,7 +98,8 @@ THREAT_MODEL = (
     "and score. Budget `eps` (pixels in [0, 1]) around a correctly classified ID test image; the "
     "attacker keeps the first iterate that is misclassified AND accepted. Objectives (minimised): "
     "`ce`: -CE + lam * score; `hinge`: max(margin, -1) + lam * max(score - threshold, 0), whose "
-    "terms stop pulling once each goal is met. `ce`, lam = 0 is the plain, detector-unaware PGD. "
+    "terms stop pulling once each goal is met. With `ce`, lam = 0 the gradient ignores the detector "
+    "and only the choice of iterate uses it (the fully detector-unaware attacks are the AD sets above). "
     "Robust detection = fraction of attempts that end correctly classified or flagged at the "
     "calibrated threshold (verdicts of the shipped file); evasion = 1 - robust detection.")
 
