@@ -19,6 +19,7 @@ import itertools
 import json
 import pickle
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def main() -> None:
         kw = {**base, **dict(zip(keys, values))}
         t0 = time.time()
         out = ev.run_detector(a.detector, DETECTORS[a.detector], model, names, data, sets,
-                              Path("/tmp") / f"sweep_{a.setup}.onnx", seed=a.seed, threads=2, progress=False,
+                              Path(tempfile.gettempdir()) / f"sweep_{a.setup}.onnx", seed=a.seed, threads=2, progress=False,
                               kwargs=dict(kw))
         m, b = out["mean_auroc"], out.get("benign", {})
         ad = sorted((s["auroc"], n) for n, s in out["sets"].items() if s["kind"] == "AD")

@@ -10,7 +10,8 @@ input is misclassified AND scores at or below the calibrated threshold. The defe
 
 Objectives (minimised), ``t`` = the calibrated threshold:
 
-- ``"ce"``: ``J = -CE(logits, y) + lam * score`` (``lam = 0``: the plain, detector-unaware attack).
+- ``"ce"``: ``J = -CE(logits, y) + lam * score`` (``lam = 0``: the gradient ignores the detector;
+  only the choice of iterate below uses it).
   A large ``lam`` lets the score term win everywhere, so the input stays in distribution and
   correctly classified: a weak attacker.
 - ``"hinge"``: ``J = max(m, -kappa) + lam * max(score - t, 0)`` with the CW margin
@@ -34,6 +35,8 @@ from typing import Any, Callable
 import numpy as np
 
 from ufad.runtime.errors import EvaluationError
+
+from .attacks import frozen_weights, perturbation_norms
 
 
 @dataclass
@@ -69,18 +72,20 @@ class AdaptiveResult:
 def _finish(name: str, params: dict[str, Any], x: np.ndarray, x_adv: np.ndarray, y: np.ndarray,
             verdict: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]) -> AdaptiveResult:
     pred, flagged = verdict(x_adv)
-    d = (x_adv - x).reshape(len(x), -1)
-    return AdaptiveResult(name, params, x_adv, pred != y, flagged, np.abs(d).max(1), np.linalg.norm(d, axis=1))
+    return AdaptiveResult(name, params, x_adv, pred != y, flagged, *perturbation_norms(x, x_adv))
 
 
 LOSSES = ("ce", "hinge")
 KAPPA = 1.0
 
 
-def _objective(loss: str, logits, y, score, thr: float, lam: float, xp):
-    """``J`` per sample (see the module docstring); ``xp`` is torch or numpy."""
+def _check_loss(loss: str) -> None:
     if loss not in LOSSES:
         raise EvaluationError(f"loss must be one of {LOSSES}, got {loss!r}")
+
+
+def _objective(loss: str, logits, y, score, thr: float, lam: float, xp):
+    """``J`` per sample (see the module docstring); ``xp`` is torch or numpy."""
     rows = xp.arange(len(y))
     true = logits[rows, y]
     if loss == "ce":
@@ -114,7 +119,7 @@ def adaptive_pgd(det, x: np.ndarray, y: np.ndarray, *, eps: float, lam: float, l
     (default: the torch reference at ``det.threshold``) gives the reported verdicts."""
     import torch
 
-    _objective(loss, np.zeros((1, 2)), np.zeros(1, int), np.zeros(1), 0.0, lam, np)   # validates loss
+    _check_loss(loss)
     mod = det.module()
     head = mod.head
     # torch.cond (the head's batch-size branch) has no autograd on every torch build; the
@@ -125,36 +130,31 @@ def adaptive_pgd(det, x: np.ndarray, y: np.ndarray, *, eps: float, lam: float, l
     thr = torch.tensor(det.threshold, dtype=torch.float32)
     alpha = 2.5 * eps / steps if alpha is None else alpha
     gen = torch.Generator().manual_seed(seed)
-    params = [p for p in mod.parameters()]
-    req = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
     out = []
     try:
-        for i in range(0, len(x), batch_size):
-            xb = torch.as_tensor(x[i:i + batch_size], dtype=torch.float32)
-            yb = torch.as_tensor(y[i:i + batch_size], dtype=torch.long)
-            adv = (xb + eps * (torch.rand(xb.shape, generator=gen) * 2 - 1)).clamp(0, 1)
-            best = adv.clone()
-            won = torch.zeros(len(xb), dtype=torch.bool)
-            for _ in range(steps + 1):
-                adv = adv.detach().requires_grad_(True)
-                with torch.enable_grad():
-                    logits, pred, score, flagged, *_ = mod(adv, thr)
-                    score = torch.nan_to_num(score, posinf=1e6)
-                    obj = _objective(loss, logits, yb, score, float(thr), lam, torch)
-                    (g,) = torch.autograd.grad(obj.sum(), adv)
-                with torch.no_grad():
-                    now = (pred != yb) & ~flagged & ~won
-                    best[now] = adv.detach()[now]
-                    won |= now
-                    best[~won] = adv.detach()[~won]
-                    adv = adv - alpha * g.sign()
-                    adv = torch.min(torch.max(adv, xb - eps), xb + eps).clamp(0, 1)
-            out.append(best.numpy())
+        with frozen_weights(mod):
+            for i in range(0, len(x), batch_size):
+                xb = torch.as_tensor(x[i:i + batch_size], dtype=torch.float32)
+                yb = torch.as_tensor(y[i:i + batch_size], dtype=torch.long)
+                adv = (xb + eps * (torch.rand(xb.shape, generator=gen) * 2 - 1)).clamp(0, 1)
+                best = adv.clone()
+                won = torch.zeros(len(xb), dtype=torch.bool)
+                for _ in range(steps + 1):
+                    adv = adv.detach().requires_grad_(True)
+                    with torch.enable_grad():
+                        logits, pred, score, flagged, *_ = mod(adv, thr)
+                        score = torch.nan_to_num(score, posinf=1e6)
+                        obj = _objective(loss, logits, yb, score, float(thr), lam, torch)
+                        (g,) = torch.autograd.grad(obj.sum(), adv)
+                    with torch.no_grad():
+                        # a sample that has not won yet keeps its latest iterate; once this
+                        # iterate wins, it is never replaced
+                        best[~won] = adv.detach()[~won]
+                        won |= (pred != yb) & ~flagged
+                        adv = adv - alpha * g.sign()
+                        adv = torch.min(torch.max(adv, xb - eps), xb + eps).clamp(0, 1)
+                out.append(best.numpy())
     finally:
-        for p, r in zip(params, req):
-            p.requires_grad_(r)
         mod.capture.remove()
         if branching is not None:
             head.branching = branching
@@ -177,7 +177,7 @@ def adaptive_square(session, x: np.ndarray, y: np.ndarray, *, eps: float, lam: f
     One query per active sample per iteration; a sample stops once the attacker wins."""
     if x.ndim != 4:
         raise EvaluationError(f"adaptive_square needs image batches [N, C, H, W], got shape {x.shape}")
-    _objective(loss, np.zeros((1, 2)), np.zeros(1, int), np.zeros(1), 0.0, lam, np)   # validates loss
+    _check_loss(loss)
     rng = np.random.default_rng(seed)
     n, c, h, w = x.shape
     thr = float(session.threshold)
@@ -221,8 +221,6 @@ def _p_schedule(p_init: float, it: int, total: int) -> float:
         if t <= bound:
             return p_init / div
     return p_init / 512
-
-
 
 
 def run_adaptive(det, session, x: np.ndarray, y: np.ndarray, eps_list, runs, *, steps: int = 30,

@@ -22,7 +22,7 @@ from torch import nn
 
 from ufad.runtime.errors import EvaluationError
 
-from .attacks import AttackResult
+from .attacks import AttackResult, frozen_weights, perturbation_norms
 
 
 # Builders: (ART classifier, batch_size, verbose, **params) -> (ART attack, resolved params).
@@ -104,29 +104,23 @@ def run_art_attack(name: str, model: nn.Module, x: np.ndarray, y: np.ndarray, *,
 
     x = np.ascontiguousarray(x, dtype=np.float32)
     y = np.asarray(y, dtype=np.int64)
-    params_list = list(model.parameters())
-    # ART backprops a loss through the model (filling .grad) and zero_grad()s it (dropping
-    # any .grad the caller had): freeze the weights and put both back afterwards.
-    saved = [(p.requires_grad, p.grad) for p in params_list]
     np_state, py_state = np.random.get_state(), random.getstate()
+    # ART backprops a loss through the model (filling .grad) and zero_grad()s it:
+    # frozen_weights puts the caller's requires_grad and .grad back afterwards.
     try:
-        for p in params_list:
-            p.requires_grad_(False)
-        # ART draws its randomness (PGD start, Square's squares) from the global numpy RNG.
-        np.random.seed(seed)
-        random.seed(seed)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            with torch.no_grad():
-                nb_classes = int(model(torch.as_tensor(x[:1])).shape[1])
-            clf = PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]),
-                                    nb_classes=nb_classes, clip_values=(0.0, 1.0), device_type="cpu")
-            attack, resolved = builder(clf, batch_size, progress, **params)
-            x_adv = np.asarray(attack.generate(x, y=y), dtype=np.float32)
+        with frozen_weights(model):
+            # ART draws its randomness (PGD start, Square's squares) from the global numpy RNG.
+            np.random.seed(seed)
+            random.seed(seed)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                with torch.no_grad():
+                    nb_classes = int(model(torch.as_tensor(x[:1])).shape[1])
+                clf = PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]),
+                                        nb_classes=nb_classes, clip_values=(0.0, 1.0), device_type="cpu")
+                attack, resolved = builder(clf, batch_size, progress, **params)
+                x_adv = np.asarray(attack.generate(x, y=y), dtype=np.float32)
     finally:
-        for p, (req, grad) in zip(params_list, saved):
-            p.requires_grad_(req)
-            p.grad = grad
         np.random.set_state(np_state)
         random.setstate(py_state)
         model.eval()  # ART switches train(False)/eval() itself; make sure it is left as found
@@ -134,10 +128,9 @@ def run_art_attack(name: str, model: nn.Module, x: np.ndarray, y: np.ndarray, *,
     clean_correct = _predict(model, x, batch_size) == y
     adv_pred = _predict(model, x_adv, batch_size)
     success = clean_correct & (adv_pred != y)
-    d = (x_adv - x).reshape(len(x), -1)
+    linf, l2 = perturbation_norms(x, x_adv)
     return AttackResult(name=f"art_{name}", params=resolved, x_adv=x_adv, success=success,
-                        clean_correct=clean_correct, adv_pred=adv_pred,
-                        linf=np.abs(d).max(1), l2=np.linalg.norm(d, axis=1))
+                        clean_correct=clean_correct, adv_pred=adv_pred, linf=linf, l2=l2)
 
 
 __all__ = ["ART_ATTACKS", "run_art_attack"]

@@ -12,8 +12,9 @@ meaningful anomalies to score (a failed attack is just an ID image).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -56,6 +57,27 @@ class AttackResult:
             "mean_linf": float(self.linf[ok].mean()) if ok.any() else None,
             "mean_l2": float(self.l2[ok].mean()) if ok.any() else None,
         }
+
+
+@contextmanager
+def frozen_weights(model: nn.Module) -> Iterator[None]:
+    """Gradients w.r.t. the inputs only: the weights stop requiring grad for the duration, and
+    their ``requires_grad`` and any ``.grad`` (which ART's ``zero_grad()`` would drop) come back."""
+    saved = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+    for p, _, _ in saved:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, req, grad in saved:
+            p.requires_grad_(req)
+            p.grad = grad
+
+
+def perturbation_norms(x: np.ndarray, x_adv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-input L-inf and L2 norms of ``x_adv - x``."""
+    d = (np.asarray(x_adv, np.float32) - np.asarray(x, np.float32)).reshape(len(x), -1)
+    return np.abs(d).max(1), np.linalg.norm(d, axis=1)
 
 
 def _grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -200,11 +222,7 @@ def run_attack(name: str, model: nn.Module, x: np.ndarray, y: np.ndarray, *, bat
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc=f"attack {name}", unit="batch", leave=False)
-    # Gradients w.r.t. the inputs only: freeze the weights for the duration.
-    req = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
+    with frozen_weights(model):
         for i in starts:
             xb = torch.as_tensor(x[i:i + batch_size], dtype=torch.float32)
             yb = torch.as_tensor(y[i:i + batch_size], dtype=torch.long)
@@ -214,14 +232,10 @@ def run_attack(name: str, model: nn.Module, x: np.ndarray, y: np.ndarray, *, bat
             with torch.no_grad():
                 preds.append(model(adv).argmax(1).numpy())
             advs.append(adv.numpy().astype(np.float32))
-    finally:
-        for p, r in zip(model.parameters(), req):
-            p.requires_grad_(r)
     x_adv = np.concatenate(advs)
     adv_pred = np.concatenate(preds)
     clean_correct = np.concatenate(clean)
     success = clean_correct & (adv_pred != np.asarray(y))
-    d = (x_adv - np.asarray(x, np.float32)).reshape(len(x), -1)
+    linf, l2 = perturbation_norms(x, x_adv)
     return AttackResult(name=name, params=params, x_adv=x_adv, success=success,
-                        clean_correct=clean_correct, adv_pred=adv_pred,
-                        linf=np.abs(d).max(1), l2=np.linalg.norm(d, axis=1))
+                        clean_correct=clean_correct, adv_pred=adv_pred, linf=linf, l2=l2)

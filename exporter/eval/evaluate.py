@@ -54,7 +54,7 @@ FULL = Sizes(n_fit=None, n_calib=None, n_test=None, n_ood=None, n_noise=2000, n_
 QUICK = Sizes(n_fit=5000, n_calib=1000, n_test=1000, n_ood=500, n_noise=300, n_attack=200, n_attack_slow=100)
 
 # (set name, attack, params, slow? or a number of images) -- eps in [0, 1] pixel units (L-inf)
-ATTACKS_FULL: list[tuple[str, str, dict[str, Any], bool]] = [
+ATTACKS_FULL: list[tuple[str, str, dict[str, Any], bool | int]] = [
     ("fgsm_eps0.05", "fgsm", {"eps": 0.05}, False),
     ("fgsm_eps0.1", "fgsm", {"eps": 0.1}, False),
     ("fgsm_eps0.2", "fgsm", {"eps": 0.2}, False),
@@ -76,7 +76,7 @@ ATTACKS_FULL: list[tuple[str, str, dict[str, Any], bool]] = [
     ("art_square_eps0.1", "art_square", {"eps": 0.1, "max_iter": 200}, True),
 ]
 ART_PREFIX = "art_"
-ATTACKS_QUICK: list[tuple[str, str, dict[str, Any], bool]] = [
+ATTACKS_QUICK: list[tuple[str, str, dict[str, Any], bool | int]] = [
     ("fgsm_eps0.1", "fgsm", {"eps": 0.1}, False),
     ("fgsm_eps0.3", "fgsm", {"eps": 0.3}, False),
     ("pgd_eps0.1", "pgd", {"eps": 0.1, "steps": 10}, False),
@@ -89,7 +89,7 @@ ATTACKS_QUICK: list[tuple[str, str, dict[str, Any], bool]] = [
 # issue's: MNIST is easier to perturb than Fashion-MNIST) and (variant, loss, lambda) runs.
 ADAPTIVE_EPS = {"mnist_cnn": (0.05, 0.1, 0.2), "fashion_resnet": (0.03, 0.05, 0.1)}
 ADAPTIVE_RUNS: list[tuple[str, str, float]] = [
-    ("pgd", "ce", 0.0),       # detector-unaware PGD: the reference point
+    ("pgd", "ce", 0.0),       # the gradient ignores the detector (only the iterate choice uses it)
     ("pgd", "ce", 1.0),
     ("pgd", "hinge", 0.1),
     ("pgd", "hinge", 1.0),
