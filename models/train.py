@@ -61,7 +61,7 @@ def augment(xb: torch.Tensor, rng: np.random.Generator, kind: str) -> torch.Tens
 
 
 def train(name: str, epochs: int, lr: float, batch: int, seed: int, out: Path | None,
-          log: bool = False) -> dict:
+          log: bool = False, augment_kind: str | None = None) -> dict:
     """Train model module ``ufad.models.<name>`` and save its weights; returns a summary."""
     from safetensors.torch import save_file
     from tqdm import tqdm
@@ -69,6 +69,7 @@ def train(name: str, epochs: int, lr: float, batch: int, seed: int, out: Path | 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     mod = importlib.import_module(f"ufad.models.{name}")
+    kind = augment_kind or getattr(mod, "AUGMENT", "shift")
     model = mod.build()
     x, y = datasets.load(mod.DATASET, "train")
     xte, yte = datasets.load(mod.DATASET, "test")
@@ -84,7 +85,7 @@ def train(name: str, epochs: int, lr: float, batch: int, seed: int, out: Path | 
         bar = tqdm(range(len(x) // batch), desc=f"epoch {epoch + 1}/{epochs}")
         for i in bar:
             idx = order[i * batch:(i + 1) * batch]
-            xb = augment(torch.from_numpy(x[idx]), rng, getattr(mod, "AUGMENT", "shift"))
+            xb = augment(torch.from_numpy(x[idx]), rng, kind)
             loss = loss_fn(model(xb), torch.from_numpy(y[idx]))
             opt.zero_grad()
             loss.backward()
@@ -101,7 +102,7 @@ def train(name: str, epochs: int, lr: float, batch: int, seed: int, out: Path | 
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out))
     summary = {"model": name, "epochs": epochs, "seed": seed, "test_accuracy": acc,
-               "train_seconds": round(time.time() - t0, 1), "weights": out.name}
+               "train_seconds": round(time.time() - t0, 1), "weights": out.name, "augment": kind}
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -115,12 +116,14 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--log", action="store_true", help="print validation accuracy after every epoch")
+    p.add_argument("--augment", default=None, choices=["shift", "crop_flip", "crop_flip_noise"],
+                   help="training augmentation (default: the model module's AUGMENT)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (1 is fastest on a busy shared CPU)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    print(json.dumps(train(a.model, a.epochs, a.lr, a.batch, a.seed, a.out, a.log), indent=2))
+    print(json.dumps(train(a.model, a.epochs, a.lr, a.batch, a.seed, a.out, a.log, a.augment), indent=2))
 
 
 if __name__ == "__main__":
