@@ -31,6 +31,8 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch: int = 1000) 
             correct += int((logits.argmax(1).numpy() == y[i:i + batch]).sum())
     return correct / len(x)
 
+AUGMENTATIONS = ("shift", "crop_flip", "crop_flip_noise")   # what augment() knows, in one place
+
 
 def augment(xb: torch.Tensor, rng: np.random.Generator, kind: str) -> torch.Tensor:
     """A training batch, augmented as the model module asks (``AUGMENT``).
@@ -45,8 +47,8 @@ def augment(xb: torch.Tensor, rng: np.random.Generator, kind: str) -> torch.Tens
     if kind == "shift":
         dx, dy = rng.integers(-2, 3, size=2)
         return torch.roll(xb, shifts=(int(dx), int(dy)), dims=(2, 3))
-    if kind not in ("crop_flip", "crop_flip_noise"):
-        raise ValueError(f"unknown AUGMENT {kind!r}; expected 'shift', 'crop_flip' or 'crop_flip_noise'")
+    if kind not in AUGMENTATIONS:
+        raise ValueError(f"unknown AUGMENT {kind!r}; expected one of {', '.join(map(repr, AUGMENTATIONS))}")
     n, _, h, w = xb.shape
     padded = nn.functional.pad(xb, (2, 2, 2, 2))
     off = rng.integers(0, 5, size=(n, 2))
@@ -116,7 +118,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--log", action="store_true", help="print validation accuracy after every epoch")
-    p.add_argument("--augment", default=None, choices=["shift", "crop_flip", "crop_flip_noise"],
+    p.add_argument("--augment", default=None, choices=AUGMENTATIONS,
                    help="training augmentation (default: the model module's AUGMENT)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (1 is fastest on a busy shared CPU)")
