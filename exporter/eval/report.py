@@ -288,7 +288,9 @@ def render_markdown(results: dict[str, Any], image_prefix: str = "") -> str:
         L.append("")
     if not results["quick"]:
         L.append("How the uniform detector's defaults were chosen, on validation data only, and what "
-                 "was tried and not kept: `docs/design.md` in the ufad repository.\n")
+                 "was tried and not kept: `docs/design.md` in the ufad repository. Evaluations of earlier "
+                 "versions of the reference models, kept for comparison: `results/history/` (each folder's "
+                 "README says what changed).\n")
     for r in results["setups"].values():
         L.extend(_setup_md(r, image_prefix))
     return "\n".join(L) + "\n"
