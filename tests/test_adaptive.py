@@ -7,6 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.eval   # its own tier: pytest -m eval (CI runs it after the default run)
+
 from ufad.runtime.errors import EvaluationError
 
 

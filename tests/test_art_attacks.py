@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.eval   # its own tier: pytest -m eval (CI runs it after the default run)
+
 pytest.importorskip("art")
 
 from ufad.exporter.eval.art_attacks import run_art_attack  # noqa: E402

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.eval   # its own tier: pytest -m eval (CI runs it after the default run)
+
 pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 

@@ -52,6 +52,7 @@ def test_metrics_inf_scores_and_ties():
 # ------------------------------------------------------------------- attacks / sets
 
 
+@pytest.mark.eval
 def test_attacks_succeed_within_budget(reference_model, mnist):
     from ufad.exporter.eval.attacks import run_attack
 
@@ -103,6 +104,7 @@ def quick_results(tmp_path_factory):
     return out, res
 
 
+@pytest.mark.eval
 def test_quick_eval_numbers(quick_results):
     _, res = quick_results
     r = res["setups"]["mnist_cnn"]
@@ -123,6 +125,7 @@ def test_quick_eval_numbers(quick_results):
         assert 0.0 <= d["benign"]["false_alarm_rate"] <= 1.0
 
 
+@pytest.mark.eval
 def test_quick_eval_files_and_schema(quick_results):
     out, res = quick_results
     for f in ("report.md", "results.json", "roc_mnist_cnn.png", "hist_mnist_cnn.png",
