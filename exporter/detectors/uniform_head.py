@@ -242,6 +242,11 @@ class UniformHead(nn.Module):
 
         if not self.branching:
             return matmul_first(pred, *feats)
+        if not torch.compiler.is_compiling():
+            # Eager (fit, calibrate, the attacks' torch reference): the batch size is known, so
+            # pick the branch here. torch.cond in eager mode re-traces its branches on every
+            # call (~0.15 s each: most of a calibration's time); the graph keeps the cond.
+            return (gather_first if pred.shape[0] <= SMALL_BATCH else matmul_first)(pred, *feats)
         return torch.cond(pred.shape[0] <= SMALL_BATCH, gather_first, matmul_first, (pred, *feats))
 
     def _fused_raw(self, pred: torch.Tensor, feats: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -121,12 +121,6 @@ def adaptive_pgd(det, x: np.ndarray, y: np.ndarray, *, eps: float, lam: float, l
 
     _check_loss(loss)
     mod = det.module()
-    head = mod.head
-    # torch.cond (the head's batch-size branch) has no autograd on every torch build; the
-    # other branch computes the same numbers.
-    branching = getattr(head, "branching", None)
-    if branching is not None:
-        head.branching = False
     thr = torch.tensor(det.threshold, dtype=torch.float32)
     alpha = 2.5 * eps / steps if alpha is None else alpha
     gen = torch.Generator().manual_seed(seed)
@@ -156,8 +150,6 @@ def adaptive_pgd(det, x: np.ndarray, y: np.ndarray, *, eps: float, lam: float, l
                 out.append(best.numpy())
     finally:
         mod.capture.remove()
-        if branching is not None:
-            head.branching = branching
     x_adv = np.concatenate(out).astype(np.float32)
     verdict = verdict or _torch_verdict(det)
     return _finish("pgd_adaptive", {"eps": eps, "lam": lam, "loss": loss, "steps": steps}, x, x_adv, y, verdict)
