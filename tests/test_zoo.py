@@ -85,7 +85,7 @@ def _mnist32(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.repeat(x, 3, axis=1)).astype(np.float32)
 
 
-def _data(name: str):
+def zoo_data(name: str):
     """(x_train, y_train, x_test, y_test, x_ood or None, noise) of real offline data."""
     rng = np.random.default_rng(0)
     if name in ("resnet18", "mobilenet_v3_small", "vit_tiny", "normalised_cnn"):
@@ -116,7 +116,7 @@ def _data(name: str):
     return x[:450], y[:450], x[450:], y[450:], None, rng.normal(0, 10, (300, 30)).astype(np.float32)
 
 
-def _train(model, x, y, epochs: int, lr: float = 1e-3):
+def train(model, x, y, epochs: int, lr: float = 1e-3):
     torch.manual_seed(0)
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr)
@@ -180,11 +180,11 @@ def test_zoo_model_exports_with_automatic_layers(zoo_dir, name, monkeypatch):
     monkeypatch.chdir(zoo_dir)
     import ufad_zoo
 
-    x, y, x_test, y_test, x_ood, noise = _data(name)
+    x, y, x_test, y_test, x_ood, noise = zoo_data(name)
     torch.manual_seed(0)               # the initial weights, whatever ran before in this process
     model = getattr(ufad_zoo, name)()
     if name != "normalised_cnn":
-        model = _train(model, x, y, EPOCHS[name], LR.get(name, 1e-3))
+        model = train(model, x, y, EPOCHS[name], LR.get(name, 1e-3))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(zoo_dir / f"{name}.safetensors"))
     np.savez(zoo_dir / f"{name}.npz", x=x, y=y)
     out = zoo_dir / f"{name}.onnx"

@@ -81,11 +81,11 @@ def zoo_rows(work: Path, repeats: int) -> list[dict]:
     rows = []
     for name in ("resnet18", "mobilenet_v3_small", "vit_tiny", "normalised_cnn", "cnn1d", "gru", "mlp"):
         t0 = time.time()
-        x, y, x_test, _, x_ood, noise = tz._data(name)
+        x, y, x_test, _, x_ood, noise = tz.zoo_data(name)
         torch.manual_seed(0)
         model = ns[name]()
         if name != "normalised_cnn":
-            model = tz._train(model, x, y, tz.EPOCHS[name], tz.LR.get(name, 1e-3))
+            model = tz.train(model, x, y, tz.EPOCHS[name], tz.LR.get(name, 1e-3))
         cut = int(len(x) * 0.8)
         det = UniformDetector(model, progress=False).fit(x[:cut], y[:cut]).calibrate(x[cut:])
         path = work / f"{name}.onnx"
@@ -124,7 +124,7 @@ def scaling_rows(work: Path, classes=(10, 100, 1000)) -> list[dict]:
         model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, c))
         import test_zoo as tz
 
-        model = tz._train(model, x, y, 30 if c < 1000 else 60, lr=3e-3)
+        model = tz.train(model, x, y, 30 if c < 1000 else 60, lr=3e-3)
         acc = float((model(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
         t0 = time.time()
         det = UniformDetector(model, progress=False, min_points=5).fit(x, y).calibrate(x[::7])
