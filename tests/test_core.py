@@ -135,7 +135,7 @@ def test_ball_boundary_exports_and_detects(reference_model, mnist, fashion_test,
 
     x, y = mnist["train"]
     xv, _ = mnist["valid"]
-    det = UniformDetector(reference_model, boundary="ball", progress=False).fit(x[:10000], y[:10000]).calibrate(xv[:3000])
+    det = UniformDetector(reference_model, boundary="ball", progress=False).fit(x[:5000], y[:5000]).calibrate(xv[:3000])
     det.export(tmp_path / "ball.onnx", check_inputs=xv[:128])
     sess = AnomalySession(tmp_path / "ball.onnx", provider="cpu")
     xt, _ = mnist["test"]
@@ -175,7 +175,7 @@ def test_cli_export_score_inspect(tmp_path, mnist):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     cli = [sys.executable, "-m", "ufad.runtime.cli"]
     r = subprocess.run(cli + ["export", "ufad.models.mnist_cnn:pretrained", "--data", "mnist", "-o", str(out),
-                              "--limit", "8000", "--max-points", "300", "--quiet"],
+                              "--limit", "4000", "--max-points", "300", "--quiet"],
                        capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert out.exists() and "wrote" in r.stdout
