@@ -10,12 +10,19 @@ collects and runs where torch is absent; its own conftest overrides ``exported_p
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 RUNTIME_DIR = Path(__file__).resolve().parent / "runtime"
+# Under pytest-xdist each worker gets its share of the cores: with a torch pool per worker on
+# every core, 2 workers on 2 cores spun twice the CPU time and were no faster than one run.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, (os.cpu_count() or 2) // WORKERS)
+if WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 
 
 def pytest_configure(config):
@@ -29,10 +36,27 @@ def pytest_configure(config):
         import_torchvision()
 
 
+# Under pytest-xdist (``-n auto --dist loadgroup``, the README's test command) every test that
+# needs the 50k-image reference fit runs on one worker, so the fit is built once; the other
+# tests go by file, so a module's fixtures are built once too.
+REFERENCE_FIT = {"fitted_detector", "exported_path", "session"}
+
+
+@pytest.hookimpl(tryfirst=True)   # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if RUNTIME_DIR in Path(str(item.fspath)).resolve().parents:
+        path = Path(str(item.fspath)).resolve()
+        if RUNTIME_DIR in path.parents:
             item.add_marker(pytest.mark.runtime)
+            group = str(path)
+        else:
+            group = "reference-fit" if REFERENCE_FIT & set(item.fixturenames) else str(path)
+        item.add_marker(pytest.mark.xdist_group(group))
+        item.user_properties.append(("xdist_group", group))
+    if WORKERS > 1:
+        # The reference-fit group is the longest unit (~2 min): scheduled first, the other
+        # workers fill in around it instead of one worker starting it last.
+        items.sort(key=lambda it: dict(it.user_properties)["xdist_group"] != "reference-fit")
 
 
 def _torch():
@@ -58,7 +82,7 @@ def fashion_test():
 def reference_model():
     from ufad.models import mnist_cnn
 
-    _torch().set_num_threads(2)
+    _torch().set_num_threads(THREADS)
     return mnist_cnn.pretrained()
 
 

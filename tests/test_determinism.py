@@ -33,7 +33,6 @@ def _fit(model, mnist, seed: int) -> UniformDetector:
 
 @pytest.fixture(scope="module")
 def twins(reference_model, mnist):
-    torch.set_num_threads(2)
     return _fit(reference_model, mnist, 0), _fit(reference_model, mnist, 0)
 
 
