@@ -91,6 +91,24 @@ def user_models(tmp_path, monkeypatch):
     return tmp_path
 
 
+def _shuffled(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    perm = np.random.default_rng(0).permutation(len(x))
+    return x[perm].astype(np.float32), y[perm]
+
+
+def _train_full_batch(make, x: np.ndarray, y: np.ndarray, steps: int):
+    """``make()``, seeded, trained by full-batch Adam (lr 1e-2) on a small real data set; in eval mode."""
+    torch.manual_seed(0)
+    model = make().train()
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    xt, yt = torch.tensor(x), torch.tensor(y)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(xt), yt).backward()
+        opt.step()
+    return model.eval()
+
+
 @pytest.fixture
 def digits(user_models):
     """Trained weights of the tuple / dict wrappers (their inner MLP; > 90% on held-out digits)
@@ -101,17 +119,8 @@ def digits(user_models):
     import ufad_user_nets
 
     x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32)
-    perm = np.random.default_rng(0).permutation(len(x))
-    x, y = x[perm], y[perm]
-    torch.manual_seed(0)
-    net = ufad_user_nets.digits_mlp()
-    opt = torch.optim.Adam(net.parameters(), 1e-2)
-    xt, yt = torch.tensor(x[:1500]), torch.tensor(y[:1500])
-    for _ in range(150):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(net(xt), yt).backward()
-        opt.step()
+    x, y = _shuffled(x / 16.0, y)
+    net = _train_full_batch(ufad_user_nets.digits_mlp, x[:1500], y[:1500], steps=150)
     held_out = (net(torch.tensor(x[1500:])).argmax(1).numpy() == y[1500:]).mean()
     assert held_out > 0.9, f"digits MLP: {held_out:.3f} on held-out digits"
     save_file({f"net.{k}": v for k, v in net.state_dict().items()}, str(user_models / "wrapped.safetensors"))
@@ -222,21 +231,11 @@ def tabular(user_models):
     from safetensors.torch import save_file
     from sklearn.datasets import load_breast_cancer
 
-    x, y = load_breast_cancer(return_X_y=True)
-    x = ((x - x.mean(0)) / x.std(0)).astype(np.float32)
-    perm = np.random.default_rng(0).permutation(len(x))
-    x, y = x[perm], y[perm]
-    torch.manual_seed(0)
     import ufad_user_nets
 
-    model = ufad_user_nets.mlp().train()
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    xt, yt = torch.tensor(x[:450]), torch.tensor(y[:450])
-    for _ in range(200):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(xt), yt).backward()
-        opt.step()
-    model.eval()
+    x, y = load_breast_cancer(return_X_y=True)
+    x, y = _shuffled((x - x.mean(0)) / x.std(0), y)
+    model = _train_full_batch(ufad_user_nets.mlp, x[:450], y[:450], steps=200)
     acc = float((model(torch.tensor(x[450:])).argmax(1).numpy() == y[450:]).mean())
     assert acc >= 0.93, acc
     save_file(model.state_dict(), str(user_models / "mlp.safetensors"))
