@@ -44,19 +44,19 @@ REFERENCE_FIT = {"fitted_detector", "exported_path", "session"}
 
 @pytest.hookimpl(tryfirst=True)   # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
+    groups = {}
     for item in items:
         path = Path(str(item.fspath)).resolve()
         if RUNTIME_DIR in path.parents:
             item.add_marker(pytest.mark.runtime)
-            group = str(path)
+            groups[item.nodeid] = str(path)
         else:
-            group = "reference-fit" if REFERENCE_FIT & set(item.fixturenames) else str(path)
-        item.add_marker(pytest.mark.xdist_group(group))
-        item.user_properties.append(("xdist_group", group))
+            groups[item.nodeid] = "reference-fit" if REFERENCE_FIT & set(item.fixturenames) else str(path)
+        item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))
     if WORKERS > 1:
         # The reference-fit group is the longest unit (~2 min): scheduled first, the other
         # workers fill in around it instead of one worker starting it last.
-        items.sort(key=lambda it: dict(it.user_properties)["xdist_group"] != "reference-fit")
+        items.sort(key=lambda it: groups[it.nodeid] != "reference-fit")
 
 
 def _torch():

@@ -58,7 +58,6 @@ def user_models(tmp_path, monkeypatch):
     (tmp_path / "ufad_user_nets.py").write_text(textwrap.dedent("""
         import torch
         from torch import nn
-        from ufad.models import mnist_cnn
 
         def digits_mlp():                   # scikit-learn's 8x8 digits as 64 features
             return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
