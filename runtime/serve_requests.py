@@ -29,9 +29,13 @@ from .inputs import check_batch
 
 MAX_BODY_BYTES = 64 * 2 ** 20
 MAX_INPUTS = 4096
-#: the uniform head's graph takes a gather-first branch for batches of at most this many inputs
-#: (exporter/detectors/uniform.py SMALL_BATCH); its floats round differently from the large-batch
-#: branch, so small requests are batched only with each other, in runs of at most this size.
+#: A sample's scores must not depend on the requests it was batched with. In the uniform
+#: head's graph (exporter/detectors/uniform_head.py) a batch of ONE input rounds differently
+#: from larger batches (onnxruntime's MatMul takes its vector kernel for one row), so a
+#: one-input piece is scored alone. Files exported before 2026-12-03 hold an ``If`` that takes
+#: a gather-first branch for batches of at most SMALL_BATCH inputs, rounding differently from
+#: the large-batch branch: small pieces are batched only with each other, in runs of at most
+#: this size. Together the two rules are exact for both kinds of file.
 SMALL_BATCH = 16
 #: AnomalySession.run's default chunk: a larger request is scored in pieces of this size locally
 RUN_CHUNK = 1024
@@ -112,12 +116,14 @@ def parse_score_request(body: bytes, spec: InputSpec, range_check: str = "error"
 
 
 def _runs(pieces: list[tuple[int, int, int]]) -> list[list[tuple[int, int, int]]]:
-    """Group pieces (request, start, stop) into model calls: pieces over SMALL_BATCH inputs
-    together in one call, small ones together in calls of at most SMALL_BATCH inputs."""
+    """Group pieces (request, start, stop) into model calls: a one-input piece alone, pieces
+    over SMALL_BATCH inputs together in one call, the others together in calls of at most
+    SMALL_BATCH inputs (see SMALL_BATCH)."""
     big = [p for p in pieces if p[2] - p[1] > SMALL_BATCH]
     runs = [big] if big else []
+    runs += [[p] for p in pieces if p[2] - p[1] == 1]
     cur, n = [], 0
-    for p in (p for p in pieces if p[2] - p[1] <= SMALL_BATCH):
+    for p in (p for p in pieces if 1 < p[2] - p[1] <= SMALL_BATCH):
         if cur and n + p[2] - p[1] > SMALL_BATCH:
             runs.append(cur)
             cur, n = [], 0
@@ -132,8 +138,8 @@ def score_requests(sess, requests: Sequence[tuple[np.ndarray, float | None]]) ->
     """Score a batch of requests with few model calls; answer each as if scored alone.
 
     Each request is cut where ``AnomalySession.run`` would cut it (pieces of ``RUN_CHUNK``);
-    pieces with the same threshold share calls, large with large and small with small (see
-    ``SMALL_BATCH``). A sample's result does not depend on the other samples of its batch, so
+    pieces with the same threshold share calls, large with large and small with small, and a
+    one-input piece has a call of its own (see ``SMALL_BATCH``). A sample's result does not depend on the other samples of its batch, so
     every record equals the one ``sess.run(x, threshold).records()`` gives for it alone."""
     answers: list[list[dict[str, Any]]] = [[] for _ in requests]
     by_threshold: dict[float | None, list[tuple[int, int, int]]] = defaultdict(list)

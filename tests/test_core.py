@@ -84,6 +84,25 @@ def test_torch_reference_matches_onnxruntime(fitted_detector, session, mnist, fa
     assert (ref["is_anomaly"] == got.is_anomaly).all()
 
 
+def test_batched_requests_are_answered_bit_for_bit_as_alone(session, mnist):
+    """The serving batcher (torch-free, no Ray) on a file this checkout exports: requests of
+    mixed sizes scored together answer exactly what each request alone gets, every field
+    (a batch of one rounds differently in the uniform head: the batcher gives it a call of
+    its own)."""
+    from ufad.runtime.serve_requests import score_requests
+
+    xt, _ = mnist["test"]
+    sizes, at, requests = (1, 1, 2, 3, 1, 16, 17, 5, 40, 2, 1), 0, []
+    for k, n in enumerate(sizes):
+        requests.append((xt[at:at + n], None if k % 3 else 4.0))
+        at += n
+    for (x, thr), answer in zip(requests, score_requests(session, requests)):
+        local = session.run(x, threshold=thr).records()
+        for rec in local:
+            rec["provider"] = session.provider
+        assert answer == local
+
+
 def test_file_is_one_self_contained_onnx(exported_path):
     import onnx
 

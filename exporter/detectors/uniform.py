@@ -51,6 +51,9 @@ from ..registry import Option
 from ..feature_maps import MAX_WHITEN_DIM, LayerMoments
 from .uniform_head import BallLayerRegions, CodebookLayerRegions, RBFLayerRegions, UniformHead
 
+# Floor of a (layer, class) spread of raw. raw is a log kernel-density ratio; a class whose
+# fitting points all sit in one spot of a layer (a very confident class at @sqrt_softmax)
+# can have a spread of 1e-3, and 1/spread would turn float32 rounding into score noise.
 SCALE_FLOOR = 0.01
 #: above this many classes the automatic output tap is the class-agnostic @sqrt_softmax_top10
 MANY_CLASSES = 100

@@ -28,12 +28,6 @@ from .. import boundaries
 from ..feature_maps import Affine, FeatureMap
 
 PAD_LOGIT = -1e30  # log-weight of padding support vectors: exp() of it is exactly 0
-# Up to this batch size the head gathers the predicted class's support vectors before the
-# matmul (measured crossover on 2 cores: ~16 for the reference CNN; see BENCHMARKS.md).
-SMALL_BATCH = 16
-# Floor of a (layer, class) spread of raw. raw is a log kernel-density ratio; a class whose
-# fitting points all sit in one spot of a layer (a very confident class at @sqrt_softmax)
-# can have a spread of 1e-3, and 1/spread would turn float32 rounding into score noise.
 
 class RBFLayerRegions(nn.Module):
     """All classes' RBF regions of one layer. ``forward(f [B,D]) -> raw [B, C]``.
@@ -175,7 +169,7 @@ class UniformHead(nn.Module):
     per-node cost and the weight reads dominate, not the arithmetic): the feature map,
     sqrt(gamma), log rho and the centre are folded into one weight ``W_l [C, D_l, m]`` and
     one constant per layer, the kernel logits of the predicted class come from
-    ``_kernel_logits`` (an ``If`` on the batch size in the graph), one ReduceLogSumExp covers
+    ``_kernel_logits`` (only the classes present in the batch are read), one ReduceLogSumExp covers
     all layers, and ||u||^2 of every layer is one MatMul of the squared centred features (a
     whitened layer enters that concat as f @ A, one MatMul with its D x D map). The per-layer region
     modules (``raw``) stay the unfused reference; both give the same numbers up to float error.
@@ -188,9 +182,6 @@ class UniformHead(nn.Module):
         self.register_buffer("inv_scale", torch.tensor(1.0 / scales.T, dtype=torch.float32))
         self.register_buffer("centre", torch.tensor(centres.T, dtype=torch.float32))
         self.fused = bool(regions) and all(isinstance(r, RBFLayerRegions) for r in regions)
-        #: the small-batch branch (torch.cond); the exporter turns it off for a model whose
-        #: own graph torch.export cannot trace together with a cond (e.g. some RNNs)
-        self.branching = True
         if self.fused:
             self._build_fused(regions, centres)
 
@@ -224,30 +215,21 @@ class UniformHead(nn.Module):
         return torch.stack([r(f) for r, f in zip(self.regions, feats)], dim=1)
 
     def _kernel_logits(self, pred: torch.Tensor, *feats: torch.Tensor) -> torch.Tensor:
-        """``f_l @ W_l[pred]`` of every layer, ``[B, L, m]``. Small batches gather the
-        predicted class's support vectors first (reads ~1/C of the weights: that is what
-        costs at batch 1); large ones run one matmul per layer over all classes and gather
-        after (a gathered copy per input would cost more than the matmul). Same math."""
-        ws = [getattr(self, f"sv_w{li}") for li in range(len(feats))]
-        n_layers, m = len(feats), self.max_sv
+        """``f_l @ W_l[pred]`` of every layer, ``[B, L, m]``, reading only the classes present
+        in the batch: at batch 1 that is 1/C of the weights (what costs there); at large
+        batches every class once, in one matmul per layer, gathered after (a gathered copy of
+        the weights per input would cost more than the matmul). Same math for every batch
+        size and no branch: an ``If`` on the batch size ran no faster (BENCHMARKS.md) and its
+        ``torch.cond`` cost ~4.5 s of every export's trace.
 
-        def gather_first(pred, *feats):
-            return torch.cat([torch.matmul(f.unsqueeze(1), torch.index_select(w, 0, pred))
-                              for f, w in zip(feats, ws)], dim=1)                    # [B, L, m]
-
-        def matmul_first(pred, *feats):
-            z = torch.cat([torch.matmul(f, w) for f, w in zip(feats, ws)], dim=2)     # [C, B, L*m]
-            idx = pred.reshape(1, -1, 1).expand(1, -1, z.shape[2])
-            return z.gather(0, idx).reshape(-1, n_layers, m)
-
-        if not self.branching:
-            return matmul_first(pred, *feats)
-        if not torch.compiler.is_compiling():
-            # Eager (fit, calibrate, the attacks' torch reference): the batch size is known, so
-            # pick the branch here. torch.cond in eager mode re-traces its branches on every
-            # call (~0.15 s each: most of a calibration's time); the graph keeps the cond.
-            return (gather_first if pred.shape[0] <= SMALL_BATCH else matmul_first)(pred, *feats)
-        return torch.cond(pred.shape[0] <= SMALL_BATCH, gather_first, matmul_first, (pred, *feats))
+        A batch of one rounds differently from larger ones (onnxruntime's MatMul takes its
+        vector kernel for a single row): the serving batcher (``runtime/serve_requests.py``)
+        gives one-input requests a call of their own."""
+        classes, row_class = torch.unique(pred, sorted=True, return_inverse=True)
+        z = torch.cat([torch.matmul(f, torch.index_select(getattr(self, f"sv_w{li}"), 0, classes))
+                       for li, f in enumerate(feats)], dim=2)                          # [U, B, L*m]
+        idx = row_class.reshape(1, -1, 1).expand(1, -1, z.shape[2])
+        return z.gather(0, idx).reshape(-1, len(feats), self.max_sv)
 
     def _fused_raw(self, pred: torch.Tensor, feats: Sequence[torch.Tensor]) -> torch.Tensor:
         """Centred raw outside-ness of the predicted class at every layer: ``[B, L]``."""
