@@ -190,11 +190,14 @@ def test_cli_export_score_inspect(tmp_path, mnist):
     xt, _ = mnist["test"]
     x = np.concatenate([xt[:20], np.random.default_rng(3).uniform(0, 1, (5, 1, 28, 28)).astype(np.float32)])
     np.save(tmp_path / "inputs.npy", x)
+    xv, yv = mnist["valid"]
+    np.savez(tmp_path / "calib.npz", x=xv[:2000], y=yv[:2000])
     out = tmp_path / "det.onnx"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     cli = [sys.executable, "-m", "ufad.runtime.cli"]
     r = subprocess.run(cli + ["export", "ufad.models.mnist_cnn:pretrained", "--data", "mnist", "-o", str(out),
-                              "--limit", "4000", "--max-points", "300", "--quiet"],
+                              "--limit", "4000", "--max-points", "300", "--calib-data", str(tmp_path / "calib.npz"),
+                              "--quiet"],
                        capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert out.exists() and "wrote" in r.stdout
@@ -211,6 +214,7 @@ def test_cli_export_score_inspect(tmp_path, mnist):
     info = json.loads(r.stdout)
     assert info["method"] == "uniform" and len(info["layers"]) == 5 and info["threshold"] > 0
     assert info["layers"][-1]["name"] == "@sqrt_softmax" and info["layers"][-1]["dim"] == 10
+    assert info["calibration"]["n_samples"] == 2000 and "calib.npz" in info["calibration"]["source"]
     r = subprocess.run(cli + ["score", str(tmp_path / "missing.onnx"), str(tmp_path / "inputs.npy")],
                        capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode != 0 and r.stderr.startswith("error:") and "Traceback" not in r.stderr

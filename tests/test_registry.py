@@ -87,9 +87,14 @@ def _cli(plugin_path, *args, cwd):
 
 
 def test_a_plugin_detector_exports_with_its_own_option(plugin_path, tmp_path):
+    from ufad.models import datasets
+
     out = tmp_path / "centroid.onnx"
+    xv, yv = datasets.load("mnist", "valid")
+    np.savez(tmp_path / "calib.npz", x=xv[:2000], y=yv[:2000])
     proc = _cli(plugin_path, "export", "ufad.models.mnist_cnn:pretrained", "--data", "mnist", "--limit", "3000",
-                "--method", "centroid", "--power", "2", "-o", str(out), "--quiet", cwd=tmp_path)
+                "--calib-data", "calib.npz", "--method", "centroid", "--power", "2", "-o", str(out), "--quiet",
+                cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     sess = AnomalySession(out, provider="cpu")
     assert sess.info.method == "centroid" and sess.info.params == {"power": 2.0}
