@@ -219,8 +219,8 @@ class UniformHead(nn.Module):
         in the batch: at batch 1 that is 1/C of the weights (what costs there); at large
         batches every class once, in one matmul per layer, gathered after (a gathered copy of
         the weights per input would cost more than the matmul). Same math for every batch
-        size and no branch: an ``If`` on the batch size ran no faster (BENCHMARKS.md) and its
-        ``torch.cond`` cost ~4.5 s of every export's trace.
+        size and no branch: an ``If`` on the batch size ran no faster on the reference CNN
+        (BENCHMARKS.md) and its ``torch.cond`` cost ~4.5 s of every export's trace.
 
         A batch of one rounds differently from larger ones (onnxruntime's MatMul takes its
         vector kernel for a single row): the serving batcher (``runtime/serve_requests.py``)
