@@ -92,6 +92,8 @@ def _torchlib_registry_built_once():
     except (ImportError, AttributeError, KeyError):
         yield
         return
+    # An export in another thread may have its wrapper in place: wrap (and restore) torch's own.
+    build = getattr(build, "_ufad_original", build)
 
     def cached(klass, opset_version=_registration._constants.TORCHLIB_OPSET):
         key = (klass, opset_version)
@@ -99,6 +101,7 @@ def _torchlib_registry_built_once():
             _REGISTRIES[key] = build(klass, opset_version)
         return _REGISTRIES[key]
 
+    cached._ufad_original = build
     cls.from_torchlib = classmethod(cached)
     try:
         yield
