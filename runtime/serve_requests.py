@@ -35,7 +35,9 @@ MAX_INPUTS = 4096
 #: one-input piece is scored alone. Files exported before 2026-12-03 hold an ``If`` that takes
 #: a gather-first branch for batches of at most SMALL_BATCH inputs, rounding differently from
 #: the large-batch branch: small pieces are batched only with each other, in runs of at most
-#: this size. Together the two rules are exact for both kinds of file.
+#: this size. With the two rules the answers of both kinds of file matched alone-scoring bit for
+#: bit in the tests (tests/test_core.py, tests/test_ray.py); it is measured, not proven: onnxruntime
+#: may still round a row differently in other batch sizes (BENCHMARKS.md).
 SMALL_BATCH = 16
 #: AnomalySession.run's default chunk: a larger request is scored in pieces of this size locally
 RUN_CHUNK = 1024
@@ -139,8 +141,8 @@ def score_requests(sess, requests: Sequence[tuple[np.ndarray, float | None]]) ->
 
     Each request is cut where ``AnomalySession.run`` would cut it (pieces of ``RUN_CHUNK``);
     pieces with the same threshold share calls, large with large and small with small, and a
-    one-input piece has a call of its own (see ``SMALL_BATCH``). A sample's result does not depend on the other samples of its batch, so
-    every record equals the one ``sess.run(x, threshold).records()`` gives for it alone."""
+    one-input piece has a call of its own (see ``SMALL_BATCH``), so that every record is the one
+    ``sess.run(x, threshold).records()`` gives for its request alone."""
     answers: list[list[dict[str, Any]]] = [[] for _ in requests]
     by_threshold: dict[float | None, list[tuple[int, int, int]]] = defaultdict(list)
     for r, (x, thr) in enumerate(requests):
