@@ -1,15 +1,16 @@
 """Write docs/models.md: what ufad does with models nobody here designed, measured.
 
     python tools/model_table.py                 # ~10 min on 2 cores; needs torchvision + timm (tools/setup.sh)
-    python tools/model_table.py --out docs/models.md --repeats 30
+    python tools/model_table.py --out docs/models.md --repeats 300
 
 Table 1, per zoo family (the models of tests/test_zoo.py, trained the same way): export ok,
 automatic taps, AUROC (higher score = more anomalous; ID is the negative class) vs uniform
 noise and vs a real OOD set, the detector's size over the bare model's, and its latency over
-the bare model's at batch 1 and 64 (bare and detector alternate in fresh processes, 5 rounds,
-2 onnxruntime threads, the outputs AnomalySession.run asks for; median of the per-process
-medians. Timed one after the other, a noisy neighbour once made the detector look faster than
-the bare model).
+the bare model's at batch 1 and 64, timed as ``ufad bench`` times them
+(``exporter/bench/run.py: time_bare_and_ufad``: each alone in a fresh torch-free process, the
+two alternating over 3 rounds, 2 onnxruntime threads, the detector through
+``AnomalySession.run``; median of all calls). Timed one after the other, a noisy neighbour
+once made the detector look faster than the bare model.
 
 Table 2, class scaling: an MLP on Gaussian blobs with 10 / 100 / 1000 classes, size and fit
 time against the bare model. Table 3: a 1000-class ResNet-18 (random backbone, nearest-mean
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,42 +35,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))   # the zoo's definitions and training, shared with its test
 
-TIMER = r"""
-import json, sys, time
-import numpy as np, onnxruntime as ort
-path, shape, calls = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
-so = ort.SessionOptions(); so.intra_op_num_threads = 2; so.inter_op_num_threads = 1; so.log_severity_level = 3
-s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-name = s.get_inputs()[0].name
-# what AnomalySession.run asks for by default: everything but the activations
-outputs = [o.name for o in s.get_outputs() if not o.name.startswith("act_")]
-out = {}
-for b, n in calls.items():
-    x = np.random.default_rng(0).uniform(0, 1, (int(b), *shape)).astype(np.float32)
-    for _ in range(max(5, n // 10)):
-        s.run(outputs, {name: x})
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter(); s.run(outputs, {name: x}); ts.append(time.perf_counter() - t0)
-    out[b] = float(np.median(ts)) * 1e3
-print(json.dumps(out))
-"""
-ROUNDS = 5   # bare and detector alternate in fresh processes, so a noisy neighbour slows both alike
+def _time_pair(bare: Path, det: Path, x: np.ndarray, repeats: int | None, work: Path) -> tuple[dict, dict]:
+    """Median latency (ms) at batch 1 and 64 of the bare model and the detector, timed the way
+    ``ufad bench`` times them (``time_bare_and_ufad``: each alone in a fresh torch-free
+    process, the two alternating; the detector through ``AnomalySession.run``), on rows of
+    ``x``. ``repeats``: calls per batch size (None: ufad bench's defaults)."""
+    from ufad.exporter.bench.config import BenchConfig
+    from ufad.exporter.bench.run import time_bare_and_ufad
 
-
-def _time_pair(bare: Path, det: Path, shape: tuple[int, ...], repeats: int) -> tuple[dict, dict]:
-    """Median latency (ms) at batch 1 and 64 of the bare model and the detector: ``ROUNDS``
-    alternating fresh processes each, ``repeats`` x 10 calls at batch 1 and ``repeats`` at 64
-    per process; the median of the per-process medians."""
-    calls = json.dumps({"1": repeats * 10, "64": repeats})
-    runs: dict[Path, list[dict]] = {bare: [], det: []}
-    for _ in range(ROUNDS):
-        for path in (bare, det):
-            proc = subprocess.run([sys.executable, "-c", TIMER, str(path), json.dumps(list(shape)), calls],
-                                  capture_output=True, text=True, check=True)
-            runs[path].append(json.loads(proc.stdout))
-    med = lambda rs: {b: float(np.median([r[b] for r in rs])) for b in rs[0]}  # noqa: E731
-    return med(runs[bare]), med(runs[det])
+    xs = {b: np.ascontiguousarray(np.resize(x, (b, *x.shape[1:])), np.float32) for b in (1, 64)}
+    times = time_bare_and_ufad(bare, det, xs, BenchConfig(batches=(1, 64), repeats=repeats), work)
+    med = lambda variant: {b: float(np.median(ts)) * 1e3 for b, ts in times[variant].items()}  # noqa: E731
+    return med("bare"), med("ufad")
 
 
 def _bare(model: torch.nn.Module, shape: tuple[int, ...], path: Path) -> Path:
@@ -79,13 +55,13 @@ def _bare(model: torch.nn.Module, shape: tuple[int, ...], path: Path) -> Path:
 
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     with quiet_torch_export():
-        prog = torch.onnx.export(model, (torch.rand(2, *shape),), f=None, dynamic_shapes=({0: batch},),
-                                 dynamo=True, external_data=False, optimize=True)
+        prog = torch.onnx.export(model, (torch.rand(2, *shape),), f=None, input_names=["input"],
+                                 dynamic_shapes=({0: batch},), dynamo=True, external_data=False, optimize=True)
     prog.save(str(path), external_data=False)
     return path
 
 
-def zoo_rows(work: Path, repeats: int) -> list[dict]:
+def zoo_rows(work: Path, repeats: int | None) -> list[dict]:
     import test_zoo as tz
 
     from ufad.exporter import UniformDetector
@@ -113,7 +89,7 @@ def zoo_rows(work: Path, repeats: int) -> list[dict]:
                "noise_flagged": float(sess.run(noise).is_anomaly.mean())}
         bare = _bare(model, x.shape[1:], work / f"{name}_bare.onnx")
         row["size_bare_mb"], row["size_det_mb"] = bare.stat().st_size / 1e6, path.stat().st_size / 1e6
-        tb, td = _time_pair(bare, path, x.shape[1:], repeats)
+        tb, td = _time_pair(bare, path, x_test, repeats, work)
         row.update({"bare_b1_ms": tb["1"], "det_b1_ms": td["1"], "bare_b64_ms": tb["64"], "det_b64_ms": td["64"],
                     "seconds": time.time() - t0})
         from ufad.exporter.auto_layers import choose
@@ -154,7 +130,7 @@ def scaling_rows(work: Path, classes=(10, 100, 1000)) -> list[dict]:
     return rows
 
 
-def thousand_class_row(work: Path, repeats: int, per_class: int = 20) -> dict:
+def thousand_class_row(work: Path, repeats: int | None, per_class: int = 20) -> dict:
     """torchvision ResNet-18 with 1000 classes at 3x32x32: a random backbone and a nearest-class-
     mean head on its penultimate features, so that all 1000 classes are predicted; ID data =
     1000 random prototype images, ``per_class`` noisy copies each."""
@@ -189,7 +165,7 @@ def thousand_class_row(work: Path, repeats: int, per_class: int = 20) -> dict:
     # ~0.013, so float32 rounding (2e-5 of raw) shows as 2e-3 of the layer score (measured)
     det.export(path, check_inputs=x[::97][:192], parity_rtol=1e-2)
     bare = _bare(model, (3, 32, 32), work / "resnet18_1000_bare.onnx")
-    tb, td = _time_pair(bare, path, (3, 32, 32), repeats)
+    tb, td = _time_pair(bare, path, x, repeats, work)
     row = {"model": "resnet18, 1000 classes", "accuracy": acc, "fit_s": fit_s, "regions": det.regions_kind_,
            "taps": det.layers, "size_bare_mb": bare.stat().st_size / 1e6, "size_det_mb": path.stat().st_size / 1e6,
            "bare_b1_ms": tb["1"], "det_b1_ms": td["1"], "bare_b64_ms": tb["64"], "det_b64_ms": td["64"]}
@@ -243,9 +219,9 @@ def markdown(zoo: list[dict], scaling: list[dict], command: str, big: dict | Non
            "(MNIST padded to 3x32x32 for the torchvision / timm models, scikit-learn's digits and "
            "breast-cancer sets for the others), fitted with `UniformDetector(model)` (automatic "
            "layers), exported and scored through onnxruntime. AUROC: higher score = more anomalous, "
-           "the anomaly set is the positive class. Latency: bare model and detector alternate in fresh "
-           "processes (5 rounds, 2 threads, every output but the activations), median of the per-process "
-           "medians; overhead = detector / bare model on the same machine in one run. This VM is noisy (the "
+           "the anomaly set is the positive class. Latency: timed as `ufad bench` times it (bare "
+           "model and detector each alone in a fresh torch-free process, alternating over 3 rounds, 2 "
+           "threads, the detector through `AnomalySession.run`), median of all calls; overhead = detector / bare model on the same machine in one run. This VM is noisy (the "
            "bare ViT's batch 64 took 29 ms one day and 54 ms the next): rows under ~1 ms (cnn1d, gru, mlp) "
            "vary by a third between runs, and a ratio under 1 is such noise.", "",
            "| model | family | automatic taps (+ @sqrt_softmax) | AUROC noise | noise flagged | AUROC OOD (Fashion) "
@@ -264,7 +240,8 @@ def markdown(zoo: list[dict], scaling: list[dict], command: str, big: dict | Non
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "models.md")
-    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="timed calls per batch size (default: ufad bench's, 300 at batch 1 and 40 at 64)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--only", choices=["classes", "zoo"], default=None,
                     help="rewrite only the class-scaling section of --out (tables 2 and 3), or only table 1")
