@@ -133,7 +133,8 @@ def test_no_per_class_unrolled_head(exported_path):
 
     model = onnx.load(str(exported_path))
     ops = [n.op_type for n in model.graph.node]
-    assert ops.count("ReduceLogSumExp") <= 4  # one per monitored layer
+    layers = AnomalySession(exported_path, provider="cpu").layer_names
+    assert ops.count("ReduceLogSumExp") <= len(layers) < 10  # one per monitored layer, not per class
     assert len(ops) < 200
 
 

@@ -167,10 +167,10 @@ class UniformHead(nn.Module):
 
     With RBF regions the graph is fused across layers (few ops: at batch 1 onnxruntime's
     per-node cost and the weight reads dominate, not the arithmetic): the feature map,
-    sqrt(gamma), log rho and the centre are folded into one weight ``W_l [C, D_l, m]`` and
+    sqrt(gamma), log rho and the centre are folded into one weight ``W_l [C, D_l, m_l]`` and
     one constant per layer, the kernel logits of the predicted class come from
-    ``_kernel_logits`` (only the classes present in the batch are read), one ReduceLogSumExp covers
-    all layers, and ||u||^2 of every layer is one MatMul of the squared centred features (a
+    ``_kernel_logits`` (only the classes present in the batch are read), one ReduceLogSumExp per
+    layer over that layer's own width, and ||u||^2 of every layer is one MatMul of the squared centred features (a
     whitened layer enters that concat as f @ A, one MatMul with its D x D map). The per-layer region
     modules (``raw``) stay the unfused reference; both give the same numbers up to float error.
     """
@@ -186,8 +186,11 @@ class UniformHead(nn.Module):
             self._build_fused(regions, centres)
 
     def _build_fused(self, regions: Sequence["RBFLayerRegions"], centres: np.ndarray) -> None:
-        m = max(r.max_sv for r in regions)
-        self.num_classes, self.max_sv = regions[0].num_classes, m
+        self.num_classes = regions[0].num_classes
+        # Each layer keeps its own width (its most support vectors over classes): padding every
+        # layer to the widest one read up to 2x the weights at batch 1 (zoo ResNet-18: 498 ->
+        # 354 KB per class).
+        self.widths = [int(r.max_sv) for r in regions]
         dims = [len(r.fmap.mean) for r in regions]
         w2 = np.zeros((sum(dims), len(regions)))
         consts, start, self.whitened, centre_of = [], 0, [], []
@@ -201,12 +204,12 @@ class UniformHead(nn.Module):
             else:             # ||u_l||^2 = sum_{d in l} w_d^2 (f_d - mean_d)^2
                 centre_of.append(r.fmap.mean)
                 w2[start:start + d, li] = t ** 2
-            w, c = r.fused(m)
-            self.register_buffer(f"sv_w{li}", torch.tensor(w, dtype=torch.float32))   # [C, D_l, m]
+            w, c = r.fused(self.widths[li])
+            self.register_buffer(f"sv_w{li}", torch.tensor(w, dtype=torch.float32))   # [C, D_l, m_l]
             # logsumexp(z + centre) = logsumexp(z) + centre: the centre costs no graph node.
             consts.append(np.where(c > PAD_LOGIT, c + centres[li][:, None], PAD_LOGIT))
             start += d
-        self.register_buffer("sv_c", torch.tensor(np.stack(consts, axis=1), dtype=torch.float32))  # [C, L, m]
+        self.register_buffer("sv_c", torch.tensor(np.concatenate(consts, axis=1), dtype=torch.float32))  # [C, sum m_l]
         self.register_buffer("feat_mean", torch.tensor(np.concatenate(centre_of), dtype=torch.float32))
         self.register_buffer("norm_w", torch.tensor(w2, dtype=torch.float32))         # [D, L]
 
@@ -215,7 +218,7 @@ class UniformHead(nn.Module):
         return torch.stack([r(f) for r, f in zip(self.regions, feats)], dim=1)
 
     def _kernel_logits(self, pred: torch.Tensor, *feats: torch.Tensor) -> torch.Tensor:
-        """``f_l @ W_l[pred]`` of every layer, ``[B, L, m]``, reading only the classes present
+        """``f_l @ W_l[pred]`` of every layer side by side, ``[B, sum m_l]``, reading only the classes present
         in the batch: at batch 1 that is 1/C of the weights (what costs there); at large
         batches every class once, in one matmul per layer, gathered after (a gathered copy of
         the weights per input would cost more than the matmul). Same math for every batch
@@ -227,17 +230,18 @@ class UniformHead(nn.Module):
         gives one-input requests a call of their own."""
         classes, row_class = torch.unique(pred, sorted=True, return_inverse=True)
         z = torch.cat([torch.matmul(f, torch.index_select(getattr(self, f"sv_w{li}"), 0, classes))
-                       for li, f in enumerate(feats)], dim=2)                          # [U, B, L*m]
+                       for li, f in enumerate(feats)], dim=2)                          # [U, B, sum m_l]
         idx = row_class.reshape(1, -1, 1).expand(1, -1, z.shape[2])
-        return z.gather(0, idx).reshape(-1, len(feats), self.max_sv)
+        return z.gather(0, idx).squeeze(0)
 
     def _fused_raw(self, pred: torch.Tensor, feats: Sequence[torch.Tensor]) -> torch.Tensor:
         """Centred raw outside-ness of the predicted class at every layer: ``[B, L]``."""
         g = torch.cat([torch.matmul(f, getattr(self, f"wh_a{li}")) if li in self.whitened else f
                        for li, f in enumerate(feats)], dim=1) - self.feat_mean
         norms = torch.matmul(g * g, self.norm_w)                                       # [B, L]
-        z = self._kernel_logits(pred, *feats) + torch.index_select(self.sv_c, 0, pred)  # [B, L, m]
-        return norms - torch.logsumexp(z, dim=2)
+        z = self._kernel_logits(pred, *feats) + torch.index_select(self.sv_c, 0, pred)  # [B, sum m_l]
+        lse = [torch.logsumexp(zl, dim=1, keepdim=True) for zl in torch.split(z, self.widths, dim=1)]
+        return norms - torch.cat(lse, dim=1)
 
     def forward(self, logits: torch.Tensor, pred: torch.Tensor, feats: Sequence[torch.Tensor]):
         if self.fused:
