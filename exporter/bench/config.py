@@ -35,6 +35,7 @@ class BenchConfig:
     seed: int = 0
     quick: bool = False
     runtime_runs: int = 3             # subprocess launches for the torch-free runtime figures
+    rounds: int = 3                   # alternating (a)/(b) pairs of timing processes
     workdir: str | None = None        # keep the .onnx files here (default: a temp dir)
 
     def repeats_for(self, batch: int) -> int:

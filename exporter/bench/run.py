@@ -116,8 +116,6 @@ def runtime_without_torch(detector: Path, x256: np.ndarray, threads: int, runs: 
     return out
 
 
-#: (a) and (b) alternate over this many pairs of processes; each takes 1/ROUNDS of the calls.
-ROUNDS = 3
 
 
 def time_bare_and_ufad(bare: Path, detector: Path, xs: dict[int, np.ndarray], cfg: BenchConfig,
@@ -126,15 +124,17 @@ def time_bare_and_ufad(bare: Path, detector: Path, xs: dict[int, np.ndarray], cf
     torch-free process (``time_worker``; one onnxruntime session per process, as deployed:
     two sessions in one process each keep an intra-op pool whose idle workers spin for
     milliseconds and take a core from the other); the processes alternate a, b, a, b, ...
-    so that a noisy neighbour still slows both alike."""
+    so that a noisy neighbour still slows both alike. ``cfg.rounds`` pairs, each taking
+    1/rounds of the calls: a process's own speed varies (here +-20% between launches), so
+    more rounds, not more calls, steady the ratio."""
     np.savez(tmp / "timing_inputs.npz", **{str(b): x for b, x in xs.items()})
     out: dict[str, dict[str, list[float]]] = {"bare": {str(b): [] for b in xs}, "ufad": {str(b): [] for b in xs}}
-    for r in range(ROUNDS):
+    for r in range(cfg.rounds):
         spec = tmp / f"timing_{r}.json"
         spec.write_text(json.dumps({
             "bare": str(bare), "detector": str(detector), "threads": cfg.threads,
             "inputs": str(tmp / "timing_inputs.npz"),
-            "plan": [[b, -(-cfg.repeats_for(b) // ROUNDS), cfg.warmup_for(b)] for b in xs],
+            "plan": [[b, -(-cfg.repeats_for(b) // cfg.rounds), cfg.warmup_for(b)] for b in xs],
         }))
         for variant in ("bare", "ufad"):
             res = _last_json(_worker("time_worker", [str(spec), variant], cfg.threads, "timing"))
@@ -228,7 +228,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> 
             log(f"timing (c) at batch {b}: {cfg.repeats_for(b)} calls after {cfg.warmup_for(b)} warm-up ...")
             t = time_interleaved({"host": lambda: host.score(x)}, cfg.repeats_for(b), cfg.warmup_for(b))
             latency["host"][str(b)] = summarize(t["host"], b)
-        log(f"timing (a) and (b): {ROUNDS} alternating pairs of fresh torch-free processes ...")
+        log(f"timing (a) and (b): {cfg.rounds} alternating pairs of fresh torch-free processes ...")
         ab = time_bare_and_ufad(bare_path, det_path, xs, cfg, tmp)
         for v in ("bare", "ufad"):
             for b in cfg.batches:

@@ -34,6 +34,8 @@ def _batches(value: str) -> tuple[int, ...]:
 @click.option("--batches", default="1,32,256", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--repeats", type=click.IntRange(1), default=None, help="Timed calls per variant and batch (default: 300/100/40 by batch size).")
 @click.option("--warmup", type=click.IntRange(0), default=None, help="Warm-up calls per variant and batch.")
+@click.option("--rounds", type=click.IntRange(1), default=3, show_default=True,
+              help="Alternating pairs of fresh processes that time (a) and (b); each takes 1/rounds of the calls.")
 @click.option("--threads", type=click.IntRange(1), default=2, show_default=True, help="Intra-op threads for onnxruntime AND torch.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Fit on the first N training images only.")
 @click.option("--calib-limit", type=click.IntRange(20), default=None, help="Calibrate on the first N valid images only.")
@@ -43,7 +45,7 @@ def _batches(value: str) -> tuple[int, ...]:
 @click.option("--bars", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Judge the result against the 'bench' bars of this file (the project's: tools/bars.json).")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Keep the .onnx files here.")
-def bench_command(model_spec, data, batches, repeats, warmup, threads, limit, calib_limit, quick,
+def bench_command(model_spec, data, batches, repeats, warmup, rounds, threads, limit, calib_limit, quick,
                   json_path, md_path, bars, workdir):
     """Measure what the detector costs on top of the bare model, in ONE run: (a) the bare
     classifier .onnx in onnxruntime, (b) the ufad detector via AnomalySession.run, (c) torch
@@ -55,7 +57,7 @@ def bench_command(model_spec, data, batches, repeats, warmup, threads, limit, ca
 
     specs = load_bars(bars, "bench") if bars else None   # a bad file fails before the run
     cfg = BenchConfig(model=model_spec, data=data, batches=_batches(batches), repeats=repeats,
-                      warmup=warmup, threads=threads, limit=limit, calib_limit=calib_limit,
+                      warmup=warmup, rounds=rounds, threads=threads, limit=limit, calib_limit=calib_limit,
                       quick=quick, workdir=str(workdir) if workdir else None)
     res = run_bench(cfg, log=lambda s: click.echo(s, err=True))
     if specs is not None:
