@@ -87,8 +87,11 @@ def test_torchvision_and_timm_families():
     if tv is None or timm is None:
         pytest.skip("torchvision / timm not installed")
     x = torch.rand(2, 3, 32, 32)
-    r = choose(tv.models.resnet18(num_classes=10).eval(), x)
-    assert r.layers == ["layer1", "layer2", "layer3", "layer4", "fc#in"]        # no stem, no pools
+    resnet = tv.models.resnet18(num_classes=10).eval()
+    r = choose(resnet, x)
+    # no stem, no pools; at 32x32 layer4 ends at 1x1, so its features ARE fc's input: not twice
+    assert r.layers == ["layer1", "layer2", "layer3", "fc#in"]
+    assert choose(resnet, torch.rand(2, 3, 64, 64)).layers == ["layer1", "layer2", "layer3", "layer4", "fc#in"]
     m = choose(tv.models.mobilenet_v3_small(num_classes=10).eval(), x)
     assert m.layers == ["features.3", "features.6", "features.11", "features.12", "classifier.1"]
     v = choose(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32,
