@@ -116,8 +116,6 @@ def runtime_without_torch(detector: Path, x256: np.ndarray, threads: int, runs: 
     return out
 
 
-
-
 def time_bare_and_ufad(bare: Path, detector: Path, xs: dict[int, np.ndarray], cfg: BenchConfig,
                        tmp: Path) -> dict[str, dict[str, list[float]]]:
     """Raw call times of (a) and (b) per batch size. Each variant runs ALONE in a fresh

@@ -170,9 +170,10 @@ class UniformHead(nn.Module):
     sqrt(gamma), log rho and the centre are folded into one weight ``W_l [C, D_l, m_l]`` and
     one constant per layer, the kernel logits of the predicted class come from
     ``_kernel_logits`` (only the classes present in the batch are read), one ReduceLogSumExp per
-    layer over that layer's own width, and ||u||^2 of every layer is one MatMul of the squared centred features (a
-    whitened layer enters that concat as f @ A, one MatMul with its D x D map). The per-layer region
-    modules (``raw``) stay the unfused reference; both give the same numbers up to float error.
+    layer over that layer's own width, and ||u||^2 of every layer is one MatMul of the squared
+    centred features (a whitened layer enters that concat as f @ A, one MatMul with its D x D
+    map). The per-layer region modules (``raw``) stay the unfused reference; both give the same
+    numbers up to float error.
     """
 
     def __init__(self, regions: Sequence[nn.Module], scales: np.ndarray, centres: np.ndarray):
@@ -218,10 +219,10 @@ class UniformHead(nn.Module):
         return torch.stack([r(f) for r, f in zip(self.regions, feats)], dim=1)
 
     def _kernel_logits(self, pred: torch.Tensor, *feats: torch.Tensor) -> torch.Tensor:
-        """``f_l @ W_l[pred]`` of every layer side by side, ``[B, sum m_l]``, reading only the classes present
-        in the batch: at batch 1 that is 1/C of the weights (what costs there); at large
-        batches every class once, in one matmul per layer, gathered after (a gathered copy of
-        the weights per input would cost more than the matmul). Same math for every batch
+        """``f_l @ W_l[pred]`` of every layer side by side, ``[B, sum m_l]``, reading only the
+        classes present in the batch: at batch 1 that is 1/C of the weights (what costs there);
+        at large batches every class once, in one matmul per layer, gathered after (a gathered
+        copy of the weights per input would cost more than the matmul). Same math for every batch
         size and no branch: an ``If`` on the batch size ran no faster on the reference CNN
         (BENCHMARKS.md) and its ``torch.cond`` cost ~4.5 s of every export's trace.
 
