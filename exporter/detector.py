@@ -24,7 +24,7 @@ from ufad.runtime.errors import ExportError, opt
 from ufad.runtime.inputs import range_limits
 
 from .auto_layers import default_layers
-from .data import ArrayLike, Data, check_labels, check_tpr, iter_batches, progress
+from .data import ArrayLike, Data, Rows, check_labels, check_tpr, iter_batches, progress
 from .onnx_export import PARITY_RTOL
 from .outputs import LogitsKey, parse_key, pick_logits
 from .registry import Option, register
@@ -302,16 +302,15 @@ class Detector:
         self._check_model()
         mod = self.module()
         thr = torch.tensor(self.threshold if threshold is None else threshold, dtype=torch.float32)
-        outs: list[list[np.ndarray]] = []
+        rows = Rows(len(x) if isinstance(x, (np.ndarray, torch.Tensor)) else None)
         try:
             batches, total = iter_batches(x, None, self.batch_size)
             with torch.no_grad():
                 for xb, _ in progress(batches, total, "score (torch)", self.progress and (total or 0) > 8):
-                    outs.append([t.numpy() for t in mod(xb, thr)])
+                    rows.add([t.numpy() for t in mod(xb, thr)])
         finally:
             mod.capture.remove()
-        names = self.output_names()
-        return {n: np.concatenate([o[i] for o in outs]) for i, n in enumerate(names)}
+        return dict(zip(self.output_names(), rows.result()))
 
     def output_names(self) -> list[str]:
         return [fmt.OUT_LOGITS, fmt.OUT_PRED, fmt.OUT_SCORE, fmt.OUT_IS_ANOMALY,

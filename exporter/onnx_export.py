@@ -26,6 +26,8 @@ from ufad.runtime import integrity
 from ufad.runtime.files import write_atomically
 from ufad.runtime.errors import ExportError, opt
 
+from .data import Rows
+
 PARITY_RTOL = 1e-4
 NOISE_FACTOR = 10   # tolerance on the noise check inputs, relative to PARITY_RTOL
 N_NOISE_CHECK = 32
@@ -178,10 +180,10 @@ def _ort_outputs(model_bytes: bytes, x: np.ndarray, names: list[str], chunk: int
     so = ort.SessionOptions()
     so.log_severity_level = 3
     sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
-    outs: list[list[np.ndarray]] = []
+    rows = Rows(len(x))
     for i in range(0, len(x), chunk):
-        outs.append(sess.run(names, {"input": x[i:i + chunk]}))
-    return {n: np.concatenate([o[k] for o in outs]) for k, n in enumerate(names)}
+        rows.add(sess.run(names, {"input": x[i:i + chunk]}))
+    return dict(zip(names, rows.result()))
 
 
 GLOBAL_POOLS = {"ReduceMean": "GlobalAveragePool", "ReduceMax": "GlobalMaxPool"}

@@ -84,6 +84,21 @@ def test_torch_reference_matches_onnxruntime(fitted_detector, session, mnist, fa
     assert (ref["is_anomaly"] == got.is_anomaly).all()
 
 
+def test_reference_scores_a_loader_as_it_scores_the_array(fitted_detector, mnist):
+    """Rows come back in input order whether the data is one array (gathered into one
+    preallocated array per output) or an iterable of uneven (x, y) batches (concatenated)."""
+    xt, yt = mnist["test"]
+    x, y = xt[:700], yt[:700]
+    whole = fitted_detector.score(x)
+    loader = [(x[i:j], y[i:j]) for i, j in [(0, 5), (5, 300), (300, 301), (301, 700)]]
+    parts = fitted_detector.score(loader)
+    assert whole.keys() == parts.keys() and len(whole["score"]) == 700
+    for name in whole:
+        assert whole[name].dtype == parts[name].dtype and whole[name].shape == parts[name].shape
+        np.testing.assert_allclose(parts[name], whole[name], rtol=1e-5, atol=1e-5, err_msg=name)
+    assert (whole["pred"] == fitted_detector.model(torch.tensor(x)).argmax(1).numpy()).all()
+
+
 def test_batched_requests_are_answered_bit_for_bit_as_alone(session, mnist):
     """The serving batcher (torch-free, no Ray) on a file this checkout exports: requests of
     mixed sizes scored together answer exactly what each request alone gets, every field
