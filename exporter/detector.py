@@ -28,7 +28,7 @@ from .data import ArrayLike, Data, Rows, check_labels, check_tpr, iter_batches, 
 from .onnx_export import PARITY_RTOL
 from .outputs import LogitsKey, parse_key, pick_logits
 from .registry import Option, register
-from .taps import (SOFTMAX, SOFTMAX_TOP, TOP_K, ActivationCapture, Tap, check_map_reduction, resolve_layers, resolve_taps,
+from .taps import (ENERGY, SOFTMAX, SOFTMAX_TOP, TOP_K, ActivationCapture, Tap, check_map_reduction, resolve_layers, resolve_taps,
                    run_model)
 
 RANGE_POLICIES = ("auto", *fmt.RANGE_POLICIES)
@@ -370,6 +370,7 @@ class Detector:
             fmt.OUT_LAYER_SCORES: {"shape": "float32 [B, L]", "columns": self.layer_score_names()},
             "activations": {l.output: f"float32 [B, {l.dim}]: " + (
                 "sqrt(softmax(logits))" if l.name == SOFTMAX else
+                "-logsumexp(logits)" if l.name == ENERGY else
                 f"the {TOP_K} largest of sqrt(softmax(logits)), sorted" if l.name == SOFTMAX_TOP
                 else f"{l.reduction}-reduced {l.name}")
                 for l in layers},

@@ -12,6 +12,8 @@ A tap is named by a spec string:
   module name);
 - ``"@sqrt_softmax_top10"``: the 10 largest of those, sorted: the same "between two
   classes" signal without one dimension per class (what a many-class model monitors).
+- ``"@energy"``: ``-logsumexp(logits)``, one dimension: the logits' scale, which the softmax
+  taps normalise away (small-budget attacks and OOD inputs lower it).
 
 Output kinds and their reductions to ``[B, D]`` (per channel, never per position):
 
@@ -41,9 +43,10 @@ from ufad.runtime.errors import ExportError, opt
 
 SOFTMAX = "@sqrt_softmax"
 SOFTMAX_TOP = "@sqrt_softmax_top10"
+ENERGY = "@energy"
 TOP_K = 10
 #: output taps: computed from the logits, not hooked on a module
-OUTPUT_TAPS = (SOFTMAX, SOFTMAX_TOP)
+OUTPUT_TAPS = (SOFTMAX, SOFTMAX_TOP, ENERGY)
 MAP_REDUCTIONS = ("max", "mean", "flatten")
 TOKEN_REDUCTIONS = ("tokens_mean", "tokens_max", "cls")
 SEQUENCE_REDUCTIONS = ("last", "tokens_max")
@@ -87,7 +90,10 @@ class Tap:
         return self.spec in OUTPUT_TAPS
 
     def output_features(self, logits: torch.Tensor) -> torch.Tensor:
-        """``[B, C]`` sqrt(softmax), or its ``TOP_K`` largest entries sorted (``SOFTMAX_TOP``)."""
+        """``[B, C]`` sqrt(softmax), its ``TOP_K`` largest entries sorted (``SOFTMAX_TOP``), or
+        ``[B, 1]`` -logsumexp(logits) (``ENERGY``)."""
+        if self.spec == ENERGY:
+            return -torch.logsumexp(logits.float(), dim=1, keepdim=True)
         p = torch.sqrt(torch.softmax(logits.float(), dim=1))
         if self.spec == SOFTMAX_TOP:
             return torch.topk(p, min(TOP_K, p.shape[1]), dim=1, sorted=True).values
@@ -139,7 +145,8 @@ def resolve_layers(model: nn.Module, layers: Sequence[str]) -> list[nn.Module | 
         shown = ", ".join(valid[:60]) + (f" ... ({len(valid)} in all; `ufad layers MODEL` lists them)"
                                          if len(valid) > 60 else "")
         raise ExportError(f"unknown layer name(s) {unknown}. Valid module names: {shown} "
-                          f"(and {SOFTMAX!r}, sqrt(softmax(logits)), or {SOFTMAX_TOP!r}, its {TOP_K} largest entries; "
+                          f"(and {SOFTMAX!r}, sqrt(softmax(logits)), {SOFTMAX_TOP!r}, its {TOP_K} largest entries, "
+                          f"or {ENERGY!r}, -logsumexp(logits); "
                           "append '#in' for a module's input)")
     if len(set(layers)) != len(layers):
         raise ExportError(f"layer names must be unique, got {list(layers)}")

@@ -228,8 +228,8 @@ def test_cli_export_score_inspect(tmp_path, mnist):
     r = subprocess.run(cli + ["inspect", str(out), "--json"], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
-    assert info["method"] == "uniform" and len(info["layers"]) == 5 and info["threshold"] > 0
-    assert info["layers"][-1]["name"] == "@sqrt_softmax" and info["layers"][-1]["dim"] == 10
+    assert info["method"] == "uniform" and len(info["layers"]) == 6 and info["threshold"] > 0
+    assert [(l["name"], l["dim"]) for l in info["layers"][-2:]] == [("@sqrt_softmax", 10), ("@energy", 1)]
     assert info["calibration"]["n_samples"] == 2000 and "calib.npz" in info["calibration"]["source"]
     r = subprocess.run(cli + ["score", str(tmp_path / "missing.onnx"), str(tmp_path / "inputs.npy")],
                        capture_output=True, text=True, timeout=60, env=env)

@@ -32,10 +32,10 @@ def test_fused_head_equals_per_layer_reference(fitted_detector, features):
     with torch.no_grad():
         raw = head.raw(feats)                                          # [B, L, C], unfused
         per_layer = (raw[torch.arange(len(pred)), :, pred] - head.centre[pred]) * head.inv_scale[pred]
-    # the default layers: conv blocks, a whitened penultimate layer, and sqrt(softmax)
-    assert fitted_detector.layers[-1] == "@sqrt_softmax"
-    assert fitted_detector.params()["feature_maps"] == ["standardize"] * 3 + ["whiten", "standardize"]
-    assert head.whitened == [3]
+    # the default layers: conv blocks, a whitened penultimate layer, sqrt(softmax), the energy
+    assert fitted_detector.layers[-2:] == ["@sqrt_softmax", "@energy"]
+    assert fitted_detector.params()["feature_maps"] == ["standardize"] * 3 + ["whiten"] + ["standardize"] * 2
+    assert head.whitened == [3] and head.rbf_layers == [0, 1, 2, 3, 4]
     with torch.no_grad():
         for batch in (1, 7, 16, 17, len(pred)):                        # both If branches
             got = torch.cat([head(None, pred[i:i + batch], [f[i:i + batch] for f in feats])[1]
@@ -44,6 +44,26 @@ def test_fused_head_equals_per_layer_reference(fitted_detector, features):
             assert float(rel.max()) <= 1e-4, (batch, float(rel.max()))
     np.testing.assert_allclose(ref["layer_scores"], per_layer.numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(ref["score"], per_layer.numpy().max(1), rtol=1e-4, atol=1e-4)
+
+
+def test_energy_layer_is_on_the_scale_of_the_other_layers(fitted_detector, features, mnist):
+    """@energy's column is (-logsumexp(logits) - centre) / scale, one centre and scale for all
+    classes, chosen on held-out fitting points so that its median and 95% quantile are those
+    of the other layers' max: checked on MNIST test images, which neither fit nor calibration saw."""
+    from scipy.special import logsumexp
+
+    ref, _, _ = features
+    li = fitted_detector.layers.index("@energy")
+    centre, scale = fitted_detector.centres_[li], fitted_detector.scales_[li]
+    assert np.ptp(centre) == 0 and np.ptp(scale) == 0 and scale[0] > 0
+    energy = -logsumexp(ref["logits"].astype(np.float64), axis=1)
+    np.testing.assert_allclose(ref["layer_scores"][:, li], (energy - centre[0]) / scale[0], rtol=1e-4, atol=1e-4)
+    assert ref[fmt.activation_output_name("@energy")].shape[1] == 1
+
+    test = fitted_detector.score(mnist["test"][0][:4000])["layer_scores"].astype(np.float64)
+    others = np.delete(test, li, axis=1).max(axis=1)
+    q_e, q_o = np.quantile(test[:, li], [0.5, 0.95]), np.quantile(others, [0.5, 0.95])
+    assert np.abs(q_e - q_o).max() <= 0.25 * (q_o[1] - q_o[0]), (q_e, q_o)
 
 
 def test_rbf_region_sign_matches_sklearn_decision_function():

@@ -155,10 +155,10 @@ EPOCHS = {"resnet18": 1, "mobilenet_v3_small": 2, "vit_tiny": 6, "cnn1d": 20, "g
 MIN_ACCURACY = {"resnet18": 0.9, "mobilenet_v3_small": 0.85, "vit_tiny": 0.8, "normalised_cnn": 0.98,
                 "cnn1d": 0.75, "gru": 0.85, "mlp": 0.9}
 FAMILY_TAPS = {   # what the automatic choice must pick, per family
-    "resnet18": ["layer1", "layer2", "layer3", "fc#in", "@sqrt_softmax"],   # layer4 == fc#in at 1x1
-    "vit_tiny": ["blocks.1", "blocks.3", "blocks.5", "norm", "head#in", "@sqrt_softmax"],
-    "normalised_cnn": ["1.block1", "1.block2", "1.block3", "1.penultimate", "@sqrt_softmax"],
-    "gru": ["gru", "fc#in", "@sqrt_softmax"],
+    "resnet18": ["layer1", "layer2", "layer3", "fc#in", "@sqrt_softmax", "@energy"],   # layer4 == fc#in at 1x1
+    "vit_tiny": ["blocks.1", "blocks.3", "blocks.5", "norm", "head#in", "@sqrt_softmax", "@energy"],
+    "normalised_cnn": ["1.block1", "1.block2", "1.block3", "1.penultimate", "@sqrt_softmax", "@energy"],
+    "gru": ["gru", "fc#in", "@sqrt_softmax", "@energy"],
 }
 
 

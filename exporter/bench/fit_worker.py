@@ -57,8 +57,11 @@ def main(cfg_path: str) -> None:
         "total_s": t4 - t1, "cpu_s": cpu, "peak_rss_mb": peak_mb,
         "parity_max_rel_diff": rep.parity_max_rel_diff, "threshold": det.threshold,
         "layers": det.layers, "reduction": det.reduction, "num_classes": det.num_classes,
-        "nu": det.nu, "gammas": [float(g) for g in det.gammas_], "dims": det.dims,
+        "nu": det.nu, "gammas": [None if g is None else float(g) for g in det.gammas_], "dims": det.dims,
         "classes": det.class_names, "support_vectors": params["support_vectors"],
+        # a score layer's centre and scale are the detector's (one for all classes), not refitted
+        "score_layers": {str(li): [float(det.centres_[li, 0]), float(det.scales_[li, 0])]
+                         for li, g in enumerate(det.gammas_) if g is None},
     }
     (out / "fit_result.json").write_text(json.dumps(result))
 

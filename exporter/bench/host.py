@@ -22,7 +22,9 @@ class HostDetector:
     (standardise, or whiten with its matrix) -> per predicted class and layer, scikit-learn
     ``OneClassSVM`` ``decision_function`` d -> raw = log(rho) - log(d + rho) (> 0 outside)
     -> minus the median, divided by the spread of raw over that class's fitting points ->
-    max over layers. NaN/Inf inputs score +inf, as in the detector.
+    max over layers. A score layer (``@energy``, -logsumexp(logits)) has no SVM: raw is its
+    value, with the detector's own centre and scale. NaN/Inf inputs score +inf, as in the
+    detector.
     """
 
     def __init__(self, model, layers: Sequence[str], maps: Sequence[FeatureMap], svms,
@@ -58,6 +60,10 @@ class HostDetector:
         scales, centres = np.ones((len(layers), n_cls)), np.zeros((len(layers), n_cls))
         for li, fmap in enumerate(maps):
             row = []
+            if str(li) in fit.get("score_layers", {}):
+                centres[li, :], scales[li, :] = fit["score_layers"][str(li)]
+                svms.append(None)
+                continue
             for c in range(n_cls):
                 z = fmap.apply(fit_data[f"kept_{li}_{c}"])
                 svm = OneClassSVM(kernel="rbf", nu=fit["nu"], gamma=fit["gammas"][li], tol=1e-4,
@@ -88,7 +94,8 @@ class HostDetector:
         for c in np.unique(pred):
             rows = np.flatnonzero(pred == c)
             for li, a in enumerate(acts):
-                raw = self._raw(self.svms[li][c], self.maps[li].apply(a[rows]))
+                svm = self.svms[li]
+                raw = a[rows, 0] if svm is None else self._raw(svm[c], self.maps[li].apply(a[rows]))
                 layer_scores[rows, li] = (raw - self.centres[li, c]) / self.scales[li, c]
         score = layer_scores.max(axis=1)
         bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1) | np.isnan(score)

@@ -5,15 +5,20 @@ Fit (ID data only): for each monitored layer, map the reduced activations with I
 layer); for each class c, take training samples of class c that the model classifies
 correctly (at most ``max_points`` of them, a seeded uniform subsample) and fit a region with
 ``nu`` = 0.1: an RBF one-class SVM / SVDD (default) or a plain ball. By default the monitored
-layers are each top-level feature block, the penultimate layer and the classifier's output
-layer, as ``sqrt(softmax(logits))`` (``@sqrt_softmax``, see ``capture``).
+layers are each top-level feature block, the penultimate layer, the classifier's output
+layer as ``sqrt(softmax(logits))`` (``@sqrt_softmax``, see ``taps``) and the logits' energy
+``-logsumexp(logits)`` (``@energy``).
 
 Score: c^ = argmax logits. At layer l, ``raw_l`` says how far the input lies outside the
 region of class c^ (> 0 outside, < 0 inside); ``layer_score_l`` is ``raw_l`` z-scored with
 the median and spread of ``raw_l`` over that class's own fitting points, so layers are
-comparable. ``score = max_l layer_score_l``. Adversarial inputs are caught because early
-layers still look like the true class while the prediction says c^, and because their output
-layer sits between classes; noise and OOD inputs fall outside every region.
+comparable. ``@energy`` is a score already (no region): it is put on the scale of the
+other layers' max by matching its median and 95% quantile on held-out ID fitting points, the
+``HOLDOUT`` correctly classified points no region was fitted on. ``score = max_l
+layer_score_l``. Adversarial inputs are caught because early layers still look like the true
+class while the prediction says c^, because their output layer sits between classes, and
+because small-budget attacks lower the logits' scale (the energy); noise and OOD inputs fall
+outside every region.
 
 ``raw`` for the RBF region, with K(x, s) = exp(-gamma ||x - s||^2), weights a_i normalised
 to sum 1 and rho' = rho / sum(alpha):   raw = log rho' - log sum_i a_i K(x, s_i)
@@ -44,12 +49,12 @@ from torch import nn
 from ufad.runtime.errors import ExportError, opt
 
 from .. import boundaries
-from ..taps import OUTPUT_TAPS, SOFTMAX, SOFTMAX_TOP, run_model
+from ..taps import ENERGY, OUTPUT_TAPS, SOFTMAX, SOFTMAX_TOP, run_model
 from ..detector import Detector
 from ..outputs import pick_logits
 from ..registry import Option
 from ..feature_maps import MAX_WHITEN_DIM, LayerMoments
-from .uniform_head import BallLayerRegions, CodebookLayerRegions, RBFLayerRegions, UniformHead
+from .uniform_head import BallLayerRegions, CodebookLayerRegions, RBFLayerRegions, ScoreLayerRegions, UniformHead
 
 # Floor of a (layer, class) spread of raw. raw is a log kernel-density ratio; a class whose
 # fitting points all sit in one spot of a layer (a very confident class at @sqrt_softmax)
@@ -64,6 +69,11 @@ EXACT_BUDGET = 4_000_000
 TOP_STD_FLOOR = 1e-3
 #: prototypes of its codebook a class keeps (CodebookLayerRegions)
 CODEBOOK_PER_CLASS = 32
+#: correctly classified fitting points set aside (not in any region), over all classes: the
+#: held-out ID data that puts the score layers (``@energy``) on the other layers' scale
+HOLDOUT = 2000
+#: the ID quantiles of a score layer that are matched to those of the other layers' max
+ALIGN_QUANTILES = (0.5, 0.95)
 
 
 def _ids(ids: Sequence[int], cap: int = 12) -> str:
@@ -78,7 +88,8 @@ class UniformDetector(Detector):
     Args:
         model: trained classifier in eval mode, returning logits ``[B, classes]``.
         layers: module names to monitor, ``"@sqrt_softmax"`` for sqrt(softmax(logits))
-            (default: each top-level feature block, the penultimate layer and ``@sqrt_softmax``).
+            or ``"@energy"`` for -logsumexp(logits) (default: each top-level feature block, the
+            penultimate layer, ``@sqrt_softmax`` and ``@energy``).
         nu: fraction of ID fitting points allowed outside each region (paper: 0.1).
         boundary: ``"rbf"`` (one-class SVM / SVDD, default) or ``"ball"`` (tiny, linear).
         gamma: RBF width on the mapped features; ``"scale"`` = 1 / D.
@@ -143,7 +154,7 @@ class UniformDetector(Detector):
     def automatic_layers(self, example: torch.Tensor) -> list[str]:
         with torch.no_grad():
             classes = pick_logits(run_model(self.model, example[:2]), self.logits).shape[1]
-        return [*super().automatic_layers(example), SOFTMAX if classes <= MANY_CLASSES else SOFTMAX_TOP]
+        return [*super().automatic_layers(example), SOFTMAX if classes <= MANY_CLASSES else SOFTMAX_TOP, ENERGY]
 
     def _whitened(self, dims: Sequence[int]) -> list[bool]:
         modules = [i for i, l in enumerate(self.layers) if l not in OUTPUT_TAPS]
@@ -153,12 +164,14 @@ class UniformDetector(Detector):
     def params(self) -> dict[str, Any]:
         return {
             "nu": self.nu, "boundary": self.boundary,
-            "gamma": [float(g) for g in self.gammas_] if self.boundary == "rbf" else None,
+            "gamma": [None if g is None else float(g) for g in self.gammas_] if self.boundary == "rbf" else None,
             "feature_maps": [m.kind for m in self.feature_maps_], "whiten": self.whiten,
             "shrinkage": self.shrinkage,
             "max_points_per_class": self.max_points, "reduction": self.reduction,
             "combine": "max",
             "layer_score": "(raw - median) / std of raw over the predicted class's own fitting points",
+            "score_layer": f"{ENERGY}: -logsumexp(logits), matched at its held-out ID quantiles "
+                           f"{list(ALIGN_QUANTILES)} to the other layers' max",
             "uncalibrated_threshold": "(1 - nu) quantile of the fitting points' scores",
             "support_vectors": [int(r.max_sv) for r in self._head.regions] if self.boundary == "rbf" else None,
             "fit_points_per_class": self.fit_counts_, "seed": self.seed,
@@ -187,6 +200,10 @@ class UniformDetector(Detector):
             f_np = [f.numpy().astype(np.float64) for f in feats]
             if moments is None:
                 moments = [LayerMoments(d, self.num_classes, w) for d, w in zip(self.dims, self._whitened(self.dims))]
+                # Each class's reservoir holds its max_points region points (the smallest keys)
+                # and, next in key order, its share of the HOLDOUT points: the region points are
+                # the same as without them.
+                cap = self.max_points + max(1, HOLDOUT // self.num_classes)
             for mom, f in zip(moments, f_np):
                 mom.add(f[ok], pred[ok])
             r = rng.random(len(pred))  # priority-sampling keys: keep the smallest per class
@@ -194,8 +211,8 @@ class UniformDetector(Detector):
                 sel = np.flatnonzero(ok & (pred == c))
                 k = np.concatenate([keys.get(c, np.empty(0)), r[sel]])
                 fs = [np.concatenate([kept[c][i], f[sel]]) if c in kept else f[sel] for i, f in enumerate(f_np)]
-                if len(k) > self.max_points:
-                    top = np.argpartition(k, self.max_points)[:self.max_points]
+                if len(k) > cap:
+                    top = np.argpartition(k, cap)[:cap]
                     k, fs = k[top], [f[top] for f in fs]
                 keys[c], kept[c] = k, fs
         if not self.layers:
@@ -207,15 +224,20 @@ class UniformDetector(Detector):
                 f"correctly classified fitting samples; add data for them, lower {opt('min_points')}, "
                 "or check that the labels match the model's outputs."
             )
+        held: dict[int, list[np.ndarray]] = {}
+        for c in list(kept):
+            order = np.argsort(keys[c], kind="stable")
+            kept[c], held[c] = [f[order[:self.max_points]] for f in kept[c]], [f[order[self.max_points:]] for f in kept[c]]
+            keys[c] = keys[c][order[:self.max_points]]
         self.fit_counts_ = [int(len(keys[c])) for c in range(self.num_classes)]
         self.feature_maps_ = [m.feature_map(self.shrinkage, TOP_STD_FLOOR if layer == SOFTMAX_TOP else 1e-6)
                               for m, layer in zip(moments, self.layers)]
         # Kept (sklearn's support_vectors_ spirit): the points the regions were fitted on, so a
         # reference implementation (ufad bench's host path) can refit on exactly the same data.
         self.fit_points_ = {int(c): [np.asarray(f, np.float32) for f in fs] for c, fs in kept.items()}
-        self._fit_regions(kept)
+        self._fit_regions(kept, held)
 
-    def _fit_regions(self, kept) -> None:
+    def _fit_regions(self, kept, held) -> None:
         from tqdm.auto import tqdm
 
         regions, self.gammas_ = [], []
@@ -224,6 +246,12 @@ class UniformDetector(Detector):
         for li, fmap in enumerate(self.feature_maps_):
             fits = []
             gamma = boundaries.resolve_gamma(self.gamma, len(fmap.mean))
+            if self.layers[li] == ENERGY:   # a score already: no region to fit
+                regions.append(None)
+                if self.boundary == "rbf":
+                    self.gammas_.append(None)
+                jobs.update(self.num_classes)
+                continue
             for c in range(self.num_classes):
                 z = fmap.apply(kept[c][li])
                 fits.append(boundaries.fit_rbf(z, self.nu, gamma) if self.boundary == "rbf"
@@ -235,6 +263,7 @@ class UniformDetector(Detector):
         jobs.close()
         self.regions_kind_ = self._regions_kind(regions) if self.boundary == "rbf" else "ball"
         regions = [self._layer_regions(fmap, fits) for fmap, fits in zip(self.feature_maps_, regions)]
+        score_layers = [li for li, r in enumerate(regions) if isinstance(r, ScoreLayerRegions)]
         # Centre and scale of each (layer, class): median and spread of raw over that class's
         # own fitting points, computed with the very modules that get exported.
         scales = np.ones((len(self.layers), self.num_classes))
@@ -246,6 +275,8 @@ class UniformDetector(Detector):
                     raw = reg.raw_for(f, torch.full((len(f),), c, dtype=torch.int64)).numpy().astype(np.float64)
                     centres[li, c] = float(np.median(raw))
                     scales[li, c] = max(float(np.std(raw)), SCALE_FLOOR)
+        if score_layers and len(score_layers) < len(regions):
+            self._align(regions, centres, scales, score_layers, held if any(len(h[0]) for h in held.values()) else kept)
         self.centres_, self.scales_ = centres, scales
         self._head = UniformHead(regions, scales, centres)
         # Uncalibrated threshold: flag what lies beyond the (1 - nu) quantile of the fitting
@@ -257,16 +288,45 @@ class UniformDetector(Detector):
                 for c in range(self.num_classes)])
         self.boundary_threshold = float(np.quantile(fit_scores, 1.0 - self.nu))
 
+    def _align(self, regions, centres: np.ndarray, scales: np.ndarray, score_layers: list[int],
+               points: dict[int, list[np.ndarray]]) -> None:
+        """Put each score layer on the scale of the other layers' max: on held-out ID points
+        (``points``), its median and 95% quantile land on theirs. A z-score against its own
+        spread would leave it under the max of several layers on ID data, so it would rarely
+        decide; matched quantiles make "as unusual as the most unusual other layer" the rule.
+        One centre and scale for all classes: the energy's scale is the model's, not a class's.
+        With no held-out points (no class has more than ``max_points``), the region points."""
+        others = [li for li in range(len(regions)) if li not in score_layers]
+        head = UniformHead([regions[li] for li in others], scales[others], centres[others])
+        u, raw = [], {li: [] for li in score_layers}
+        with torch.no_grad():
+            for c, fs in points.items():
+                if not len(fs[0]):
+                    continue
+                cls = torch.full((len(fs[0]),), c, dtype=torch.int64)
+                u.append(head(None, cls, [torch.tensor(fs[li], dtype=torch.float32) for li in others])[0].numpy())
+                for li in score_layers:
+                    raw[li].append(regions[li].raw_for(torch.tensor(fs[li], dtype=torch.float32), cls).numpy())
+        qu = np.quantile(np.concatenate(u).astype(np.float64), ALIGN_QUANTILES)
+        for li in score_layers:
+            qr = np.quantile(np.concatenate(raw[li]).astype(np.float64), ALIGN_QUANTILES)
+            if qu[1] - qu[0] <= 0.0 or qr[1] - qr[0] <= 0.0:
+                continue   # degenerate (all points alike): keep the per-class z-score
+            scale = (qr[1] - qr[0]) / (qu[1] - qu[0])
+            centres[li, :], scales[li, :] = qr[0] - qu[0] * scale, scale
+
     def _regions_kind(self, fits: list[list[boundaries.RBFRegion]]) -> str:
         """``regions="auto"``: exact while its ``[C, m, D]`` weights stay within budget."""
         if self.regions != "auto":
             return self.regions
-        m = max(len(r.alpha) for layer in fits for r in layer)
+        m = max(len(r.alpha) for layer in fits if layer is not None for r in layer)
         exact = self.num_classes * m * sum(self.dims)
         budget = max(EXACT_BUDGET, sum(p.numel() for p in self.model.parameters()) // 4)
         return "exact" if exact <= budget else "codebook"
 
     def _layer_regions(self, fmap, fits) -> nn.Module:
+        if fits is None:
+            return ScoreLayerRegions(self.num_classes)
         if self.boundary == "ball":
             return BallLayerRegions(fmap, fits)
         if self.regions_kind_ == "codebook":

@@ -11,6 +11,8 @@ Per layer, the regions of every class (``raw`` = how far outside, > 0 outside):
   Stored as ``[K, D]`` + ``[C, per_class]``: linear in the number of classes, where the exact
   form is ``[C, m, D]`` (and ``D = C`` at ``@sqrt_softmax``).
 - ``BallLayerRegions``: raw = ||x - centre|| - radius.
+- ``ScoreLayerRegions``: a one-dimensional tap that is a score already (``@energy``): raw =
+  the value itself, for every class.
 
 ``UniformHead`` z-scores the predicted class's raw per layer and takes the max.
 """
@@ -160,6 +162,23 @@ class BallLayerRegions(nn.Module):
         return self(f).gather(1, cls.reshape(-1, 1)).squeeze(1)
 
 
+class ScoreLayerRegions(nn.Module):
+    """A tap whose one value is a score already (``@energy``). ``forward(f [B,1]) -> raw [B, C]``
+    = that value for every class: no region is fitted; its centre and scale (set by
+    ``UniformDetector``) make it comparable with the other layers."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.num_classes = int(num_classes)
+        self.max_sv = self.codebook_size = 0   # what params() reports per layer: none stored
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return f[:, :1].expand(-1, self.num_classes)
+
+    def raw_for(self, f: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+        return f[:, 0]
+
+
 class UniformHead(nn.Module):
     """``(logits, pred, feats) -> (score [B], layer_scores [B, L])``; higher = more anomalous.
 
@@ -172,8 +191,9 @@ class UniformHead(nn.Module):
     ``_kernel_logits`` (only the classes present in the batch are read), one ReduceLogSumExp per
     layer over that layer's own width, and ||u||^2 of every layer is one MatMul of the squared
     centred features (a whitened layer enters that concat as f @ A, one MatMul with its D x D
-    map). The per-layer region modules (``raw``) stay the unfused reference; both give the same
-    numbers up to float error.
+    map). A score layer (``ScoreLayerRegions``) joins the fused layers' columns as its value
+    minus its centre. The per-layer region modules (``raw``) stay the unfused reference; both
+    give the same numbers up to float error.
     """
 
     def __init__(self, regions: Sequence[nn.Module], scales: np.ndarray, centres: np.ndarray):
@@ -182,9 +202,11 @@ class UniformHead(nn.Module):
         # [L, C] -> stored as [C, L] so one gather picks the predicted class for every layer.
         self.register_buffer("inv_scale", torch.tensor(1.0 / scales.T, dtype=torch.float32))
         self.register_buffer("centre", torch.tensor(centres.T, dtype=torch.float32))
-        self.fused = bool(regions) and all(isinstance(r, RBFLayerRegions) for r in regions)
+        self.rbf_layers = [i for i, r in enumerate(regions) if isinstance(r, RBFLayerRegions)]
+        self.fused = bool(self.rbf_layers) and all(
+            isinstance(r, (RBFLayerRegions, ScoreLayerRegions)) for r in regions)
         if self.fused:
-            self._build_fused(regions, centres)
+            self._build_fused([regions[i] for i in self.rbf_layers], centres[self.rbf_layers])
 
     def _build_fused(self, regions: Sequence["RBFLayerRegions"], centres: np.ndarray) -> None:
         self.num_classes = regions[0].num_classes
@@ -244,9 +266,29 @@ class UniformHead(nn.Module):
         lse = [torch.logsumexp(zl, dim=1, keepdim=True) for zl in torch.split(z, self.widths, dim=1)]
         return norms - torch.cat(lse, dim=1)
 
+    def _with_score_layers(self, pred: torch.Tensor, fused: torch.Tensor,
+                           feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The fused layers' centred raw ``[B, L_rbf]`` with the score layers' columns put in
+        layer order (value - centre); consecutive fused layers stay one slice."""
+        if len(self.rbf_layers) == len(feats):
+            return fused
+        cols, k = [], 0
+        for i, f in enumerate(feats):
+            if i in self.rbf_layers:
+                if cols and isinstance(cols[-1], tuple):
+                    cols[-1] = (cols[-1][0], k + 1)
+                else:
+                    cols.append((k, k + 1))
+                k += 1
+            else:
+                cols.append(f[:, :1] - torch.index_select(self.centre[:, i], 0, pred).unsqueeze(1))
+        return torch.cat([fused[:, c[0]:c[1]] if isinstance(c, tuple) else c for c in cols], dim=1)
+
     def forward(self, logits: torch.Tensor, pred: torch.Tensor, feats: Sequence[torch.Tensor]):
         if self.fused:
-            layer_scores = self._fused_raw(pred, feats) * torch.index_select(self.inv_scale, 0, pred)
+            fused = self._fused_raw(pred, [feats[i] for i in self.rbf_layers])
+            raw = self._with_score_layers(pred, fused, feats)
+            layer_scores = raw * torch.index_select(self.inv_scale, 0, pred)
             return layer_scores.amax(dim=1), layer_scores
         raw = torch.stack([r.raw_for(f, pred) for r, f in zip(self.regions, feats)], dim=1)   # [B, L]
         layer_scores = (raw - torch.index_select(self.centre, 0, pred)) * torch.index_select(self.inv_scale, 0, pred)
