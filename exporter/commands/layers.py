@@ -53,7 +53,8 @@ def layers_command(model_spec, data, input_shape, weights, logits, show_all):
     model.eval()
     c = choose(model, torch.from_numpy(x), parse_key(logits))
     chosen = c.layers
-    table = Table(title=f"{model_spec}: {c.family} (automatic: {', '.join(chosen) or 'none'}, then @sqrt_softmax)")
+    table = Table(title=f"{model_spec}: {c.family} (automatic: {', '.join(chosen) or 'none'}; the uniform detector "
+                          "adds @sqrt_softmax and @energy)")
     for col in ("", "module", "type", "output", "kind", "reduction"):
         table.add_column(col)
     seen = set()
