@@ -24,6 +24,7 @@ def main(cfg_path: str) -> None:
     torch.set_num_threads(cfg["threads"])
     from ..data import load_data
     from ..detectors.uniform import UniformDetector
+    from ..detectors.uniform_head import ScoreLayerRegions
     from ..model_loading import load_factory
 
     model = load_factory(cfg["model"]).eval()
@@ -61,7 +62,7 @@ def main(cfg_path: str) -> None:
         "classes": det.class_names, "support_vectors": params["support_vectors"],
         # a score layer's centre and scale are the detector's (one for all classes), not refitted
         "score_layers": {str(li): [float(det.centres_[li, 0]), float(det.scales_[li, 0])]
-                         for li, g in enumerate(det.gammas_) if g is None},
+                         for li, r in enumerate(det.head().regions) if isinstance(r, ScoreLayerRegions)},
     }
     (out / "fit_result.json").write_text(json.dumps(result))
 

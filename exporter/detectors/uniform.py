@@ -170,8 +170,8 @@ class UniformDetector(Detector):
             "max_points_per_class": self.max_points, "reduction": self.reduction,
             "combine": "max",
             "layer_score": "(raw - median) / std of raw over the predicted class's own fitting points",
-            "score_layer": f"{ENERGY}: -logsumexp(logits), matched at its held-out ID quantiles "
-                           f"{list(ALIGN_QUANTILES)} to the other layers' max",
+            **({"score_layer": f"{ENERGY}: -logsumexp(logits), matched at its held-out ID quantiles "
+                               f"{list(ALIGN_QUANTILES)} to the other layers' max"} if ENERGY in self.layers else {}),
             "uncalibrated_threshold": "(1 - nu) quantile of the fitting points' scores",
             "support_vectors": [int(r.max_sv) for r in self._head.regions] if self.boundary == "rbf" else None,
             "fit_points_per_class": self.fit_counts_, "seed": self.seed,

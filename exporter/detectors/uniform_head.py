@@ -19,6 +19,7 @@ Per layer, the regions of every class (``raw`` = how far outside, > 0 outside):
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Sequence
 
@@ -272,17 +273,15 @@ class UniformHead(nn.Module):
         layer order (value - centre); consecutive fused layers stay one slice."""
         if len(self.rbf_layers) == len(feats):
             return fused
-        cols, k = [], 0
-        for i, f in enumerate(feats):
-            if i in self.rbf_layers:
-                if cols and isinstance(cols[-1], tuple):
-                    cols[-1] = (cols[-1][0], k + 1)
-                else:
-                    cols.append((k, k + 1))
-                k += 1
+        pieces, k = [], 0
+        for is_rbf, run in itertools.groupby(range(len(feats)), key=lambda i: i in self.rbf_layers):
+            run = list(run)
+            if is_rbf:
+                pieces.append(fused[:, k:k + len(run)])
+                k += len(run)
             else:
-                cols.append(f[:, :1] - torch.index_select(self.centre[:, i], 0, pred).unsqueeze(1))
-        return torch.cat([fused[:, c[0]:c[1]] if isinstance(c, tuple) else c for c in cols], dim=1)
+                pieces += [feats[i][:, :1] - torch.index_select(self.centre[:, i], 0, pred).unsqueeze(1) for i in run]
+        return torch.cat(pieces, dim=1)
 
     def forward(self, logits: torch.Tensor, pred: torch.Tensor, feats: Sequence[torch.Tensor]):
         if self.fused:
