@@ -61,7 +61,7 @@ def main() -> None:
     rows = []
     keys = sorted(grid)
     for values in itertools.product(*(grid[k] for k in keys)):
-        kw = {**base, **dict(zip(keys, values))}
+        kw = {**ev.setup_options(a.setup).get(a.detector, {}), **base, **dict(zip(keys, values))}
         t0 = time.time()
         out = ev.run_detector(a.detector, DETECTORS[a.detector], model, names, data, sets,
                               Path(tempfile.gettempdir()) / f"sweep_{a.setup}.onnx", seed=a.seed, threads=2, progress=False,

@@ -54,7 +54,8 @@ from ..detector import Detector
 from ..outputs import pick_logits
 from ..registry import Option
 from ..feature_maps import MAX_WHITEN_DIM, LayerMoments
-from .uniform_head import BallLayerRegions, CodebookLayerRegions, RBFLayerRegions, ScoreLayerRegions, UniformHead
+from .uniform_head import (BallLayerRegions, CodebookLayerRegions, ConsistencyLayerRegions, RBFLayerRegions,
+                           ScoreLayerRegions, UniformHead)
 
 # Floor of a (layer, class) spread of raw. raw is a log kernel-density ratio; a class whose
 # fitting points all sit in one spot of a layer (a very confident class at @sqrt_softmax)
@@ -74,6 +75,15 @@ CODEBOOK_PER_CLASS = 32
 HOLDOUT = 2000
 #: the ID quantiles of a score layer that are matched to those of the other layers' max
 ALIGN_QUANTILES = (0.5, 0.95)
+#: ridge penalty of the consistency regression, on standardized features
+CONSISTENCY_ALPHA = 1.0
+CONSISTENCY = ("none", "penultimate")
+
+
+def _inputs(region: nn.Module, li: int, fs: Sequence[np.ndarray]) -> list[torch.Tensor]:
+    """The per-tap arrays ``fs`` that region ``li`` reads, as tensors (``UniformHead._inputs``)."""
+    idx = (region.src, region.dst) if isinstance(region, ConsistencyLayerRegions) else (li,)
+    return [torch.tensor(fs[i], dtype=torch.float32) for i in idx]
 
 
 def _ids(ids: Sequence[int], cap: int = 12) -> str:
@@ -100,6 +110,10 @@ class UniformDetector(Detector):
         shrinkage: added to the covariance's eigenvalues, as a fraction of their mean.
         max_points: cap of fitting points per class (keeps the graph small and fit fast).
         min_points: fewer correctly classified points than this for a class is an error.
+        consistency: ``"penultimate"`` adds one more score column, ``"<a>><b>"``: how far the
+            last monitored module's features (b) lie from what the predicted class's own
+            fitting points predict from the module before it (a), by a per-class linear
+            regression (``C x D_a x D_b`` weights). ``"none"`` (default): no such column.
 
     Fitted attributes (after ``fit``): ``feature_maps_`` (one ``FeatureMap`` per layer),
     ``gammas_`` (RBF gamma per layer; empty for the ball), ``fit_points_`` (class ->
@@ -120,13 +134,15 @@ class UniformDetector(Detector):
         Option("regions", click.Choice(["auto", "exact", "codebook"]), "auto",
                "RBF regions: each class's own support vectors, or prototypes shared by all classes"),
         Option("codebook_size", int, 512, "prototypes per layer of the shared codebook"),
+        Option("consistency", click.Choice(list(CONSISTENCY)), "none",
+               "also score the last module layer against what the one before it predicts, per class"),
     )
     WHITEN = ("penultimate", "all", "none")
 
     def __init__(self, model: nn.Module, layers: Sequence[str] | None = None, *, nu: float = 0.1,
                  boundary: str = "rbf", gamma: float | str = "scale", whiten: str = "penultimate",
                  shrinkage: float = 0.01, max_points: int = 1000, min_points: int = 20,
-                 regions: str = "auto", codebook_size: int = 512, **kwargs: Any):
+                 regions: str = "auto", codebook_size: int = 512, consistency: str = "none", **kwargs: Any):
         super().__init__(model, layers, **kwargs)
         if not 0.0 < nu < 1.0:
             raise ExportError(f"{opt('nu')} must be in (0, 1), got {nu}")
@@ -136,6 +152,8 @@ class UniformDetector(Detector):
             raise ExportError(f"whiten must be one of {self.WHITEN}, got {whiten!r}")
         if not shrinkage > 0.0:
             raise ExportError(f"shrinkage must be > 0, got {shrinkage}")
+        if consistency not in CONSISTENCY:
+            raise ExportError(f"{opt('consistency')} must be one of {list(CONSISTENCY)}, got {consistency!r}")
         if regions not in ("auto", "exact", "codebook"):
             raise ExportError(f"{opt('regions')} must be 'auto', 'exact' or 'codebook', got {regions!r}")
         for name, value in (("max_points", max_points), ("min_points", min_points), ("codebook_size", codebook_size)):
@@ -148,6 +166,7 @@ class UniformDetector(Detector):
         self.whiten, self.shrinkage = whiten, float(shrinkage)
         self.max_points, self.min_points = int(max_points), int(min_points)
         self.regions, self.codebook_size = regions, int(codebook_size)
+        self.consistency = consistency
         self.boundary_threshold: float | None = None
         self._head: UniformHead | None = None
 
@@ -174,6 +193,9 @@ class UniformDetector(Detector):
                                f"{list(ALIGN_QUANTILES)} to the other layers' max"} if ENERGY in self.layers else {}),
             "uncalibrated_threshold": "(1 - nu) quantile of the fitting points' scores",
             "support_vectors": [int(r.max_sv) for r in self._head.regions] if self.boundary == "rbf" else None,
+            **({"consistency": f"{self.layer_score_names()[-1]}: ||b * s - (a @ W_c + w_c)||^2, a per-class ridge "
+                               f"regression (alpha {CONSISTENCY_ALPHA}) of b on a over the class's fitting points; "
+                               "matched like the score layer"} if self.consistency != "none" else {}),
             "fit_points_per_class": self.fit_counts_, "seed": self.seed,
             "regions": self.regions_kind_,
             "codebook_size": [int(r.codebook_size) for r in self._head.regions]
@@ -199,6 +221,8 @@ class UniformDetector(Detector):
             ok = np.ones(len(pred), bool) if y is None else (pred == y.numpy())
             f_np = [f.numpy().astype(np.float64) for f in feats]
             if moments is None:
+                if self.consistency != "none":
+                    self._consistency_layers()   # a wrong setting fails at the first batch, not after the pass
                 moments = [LayerMoments(d, self.num_classes, w) for d, w in zip(self.dims, self._whitened(self.dims))]
                 # Each class's reservoir holds its max_points region points (the smallest keys)
                 # and, next in key order, its share of the HOLDOUT points: the region points are
@@ -263,20 +287,36 @@ class UniformDetector(Detector):
         jobs.close()
         self.regions_kind_ = self._regions_kind(regions) if self.boundary == "rbf" else "ball"
         regions = [self._layer_regions(fmap, fits) for fmap, fits in zip(self.feature_maps_, regions)]
-        score_layers = [li for li, r in enumerate(regions) if isinstance(r, ScoreLayerRegions)]
+        if self.consistency != "none":
+            src, dst = self._consistency_layers()
+            regions.append(ConsistencyLayerRegions(src, dst, boundaries.fit_consistency(
+                [kept[c][src] for c in range(self.num_classes)], [kept[c][dst] for c in range(self.num_classes)],
+                CONSISTENCY_ALPHA)))
+        score_layers = [li for li, r in enumerate(regions)
+                        if isinstance(r, (ScoreLayerRegions, ConsistencyLayerRegions))]
         # Centre and scale of each (layer, class): median and spread of raw over that class's
         # own fitting points, computed with the very modules that get exported.
-        scales = np.ones((len(self.layers), self.num_classes))
-        centres = np.zeros((len(self.layers), self.num_classes))
+        scales = np.ones((len(regions), self.num_classes))
+        centres = np.zeros((len(regions), self.num_classes))
         with torch.no_grad():
             for c in range(self.num_classes):
                 for li, reg in enumerate(regions):
-                    f = torch.tensor(kept[c][li], dtype=torch.float32)
-                    raw = reg.raw_for(f, torch.full((len(f),), c, dtype=torch.int64)).numpy().astype(np.float64)
+                    f = _inputs(reg, li, kept[c])
+                    raw = reg.raw_for(*f, torch.full((len(f[0]),), c, dtype=torch.int64)).numpy().astype(np.float64)
                     centres[li, c] = float(np.median(raw))
                     scales[li, c] = max(float(np.std(raw)), SCALE_FLOOR)
         if score_layers and len(score_layers) < len(regions):
-            self._align(regions, centres, scales, score_layers, held if any(len(h[0]) for h in held.values()) else kept)
+            has_held = any(len(h[0]) for h in held.values())
+            points = held if has_held else kept
+            plain = [li for li in score_layers if isinstance(regions[li], ScoreLayerRegions)]
+            rest = [li for li in range(len(regions)) if li not in score_layers]
+            # the score layers are matched to the region layers' max; then the consistency
+            # column to the max of all of those (what it competes with in the score)
+            if plain:
+                self._align(regions, centres, scales, plain, rest, points)
+            cons = [li for li in score_layers if li not in plain]
+            if cons:
+                self._align(regions, centres, scales, cons, rest + plain, points, cross_fit=not has_held)
         self.centres_, self.scales_ = centres, scales
         self._head = UniformHead(regions, scales, centres)
         # Uncalibrated threshold: flag what lies beyond the (1 - nu) quantile of the fitting
@@ -289,16 +329,21 @@ class UniformDetector(Detector):
         self.boundary_threshold = float(np.quantile(fit_scores, 1.0 - self.nu))
 
     def _align(self, regions, centres: np.ndarray, scales: np.ndarray, score_layers: list[int],
-               points: dict[int, list[np.ndarray]]) -> None:
+               others: list[int], points: dict[int, list[np.ndarray]], cross_fit: bool = False) -> None:
         """Put each score layer on the scale of the other layers' max: on held-out ID points
         (``points``), its median and 95% quantile land on theirs. A z-score against its own
         spread would leave it under the max of several layers on ID data, so it would rarely
         decide; matched quantiles make "as unusual as the most unusual other layer" the rule.
         One centre and scale for all classes: the energy's scale is the model's, not a class's.
-        With no held-out points (no class has more than ``max_points``), the region points."""
-        others = [li for li in range(len(regions)) if li not in score_layers]
+        With no held-out points (no class has more than ``max_points``), the region points
+        (``cross_fit``): a consistency layer then takes its out-of-fold raw, since its
+        regression was fitted on those very points."""
         head = UniformHead([regions[li] for li in others], scales[others], centres[others])
         u, raw = [], {li: [] for li in score_layers}
+        classes = sorted(points)
+        cross = {li: dict(zip(classes, boundaries.consistency_cross_raw(
+            [points[c][r.src] for c in classes], [points[c][r.dst] for c in classes], CONSISTENCY_ALPHA)))
+            for li, r in enumerate(regions) if cross_fit and isinstance(r, ConsistencyLayerRegions)}
         with torch.no_grad():
             for c, fs in points.items():
                 if not len(fs[0]):
@@ -306,7 +351,10 @@ class UniformDetector(Detector):
                 cls = torch.full((len(fs[0]),), c, dtype=torch.int64)
                 u.append(head(None, cls, [torch.tensor(fs[li], dtype=torch.float32) for li in others])[0].numpy())
                 for li in score_layers:
-                    raw[li].append(regions[li].raw_for(torch.tensor(fs[li], dtype=torch.float32), cls).numpy())
+                    if li in cross:
+                        raw[li].append(cross[li][c])
+                    else:
+                        raw[li].append(regions[li].raw_for(*_inputs(regions[li], li, fs), cls).numpy())
         qu = np.quantile(np.concatenate(u).astype(np.float64), ALIGN_QUANTILES)
         for li in score_layers:
             qr = np.quantile(np.concatenate(raw[li]).astype(np.float64), ALIGN_QUANTILES)
@@ -314,6 +362,23 @@ class UniformDetector(Detector):
                 continue   # degenerate (all points alike): keep the per-class z-score
             scale = (qr[1] - qr[0]) / (qu[1] - qu[0])
             centres[li, :], scales[li, :] = qr[0] - qu[0] * scale, scale
+
+    def _consistency_layers(self) -> tuple[int, int]:
+        """``consistency="penultimate"``: the last monitored module and the one before it."""
+        modules = [i for i, l in enumerate(self.layers) if l not in OUTPUT_TAPS]
+        if len(modules) < 2:
+            raise ExportError(
+                f"{opt('consistency')}={self.consistency!r} predicts the last monitored module layer from "
+                f"the one before it, but the layers {self.layers} hold {len(modules)} module layer(s); "
+                f"monitor two or more, or set {opt('consistency')}='none'.")
+        return modules[-2], modules[-1]
+
+    def layer_score_names(self) -> list[str]:
+        names = super().layer_score_names()
+        if self._head is None:
+            return names
+        return names + [f"{self.layers[r.src]}>{self.layers[r.dst]}" for r in self._head.regions
+                        if isinstance(r, ConsistencyLayerRegions)]
 
     def _regions_kind(self, fits: list[list[boundaries.RBFRegion]]) -> str:
         """``regions="auto"``: exact while its ``[C, m, D]`` weights stay within budget."""

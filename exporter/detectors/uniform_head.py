@@ -13,6 +13,8 @@ Per layer, the regions of every class (``raw`` = how far outside, > 0 outside):
 - ``BallLayerRegions``: raw = ||x - centre|| - radius.
 - ``ScoreLayerRegions``: a one-dimensional tap that is a score already (``@energy``): raw =
   the value itself, for every class.
+- ``ConsistencyLayerRegions``: no tap of its own: how far one tap's features lie from what
+  the class's own points predict from an earlier tap's (``consistency="penultimate"``).
 
 ``UniformHead`` z-scores the predicted class's raw per layer and takes the max.
 """
@@ -180,6 +182,48 @@ class ScoreLayerRegions(nn.Module):
         return f[:, 0]
 
 
+class ConsistencyLayerRegions(nn.Module):
+    """Layer-to-layer consistency (``consistency="penultimate"``): how far layer ``dst``'s
+    features lie from what class c's own fitting points predict from layer ``src``'s (a
+    per-class ridge regression, ``boundaries.fit_consistency``); raw = ||residual||^2 of the
+    standardized features. An input whose later features do not follow from its earlier ones
+    the way the predicted class's do (an attack that moved the prediction, not the evidence
+    below it) has a large residual. ``raw_for(f_src, f_dst, cls) -> [B]``; like a score layer,
+    one centre and scale for all classes (set by ``UniformDetector``)."""
+
+    def __init__(self, src: int, dst: int, fit: boundaries.ConsistencyFit):
+        super().__init__()
+        self.src, self.dst = int(src), int(dst)
+        self.num_classes = len(fit.weight)
+        self.max_sv = self.codebook_size = 0   # what params() reports per layer: none stored
+        self.register_buffer("weight", torch.tensor(fit.weight, dtype=torch.float32))        # [C, D_src, D_dst]
+        self.register_buffer("bias", torch.tensor(fit.bias, dtype=torch.float32))            # [C, D_dst]
+        self.register_buffer("dst_scale", torch.tensor(fit.dst_scale, dtype=torch.float32))  # [D_dst]
+
+    def forward(self, f_src: torch.Tensor, f_dst: torch.Tensor) -> torch.Tensor:
+        """raw of every class, ``[B, C]``."""
+        pred = torch.einsum("bd,cde->bce", f_src, self.weight) + self.bias
+        r = (f_dst * self.dst_scale).unsqueeze(1) - pred
+        return (r * r).sum(dim=2)
+
+    def raw_for(self, f_src: torch.Tensor, f_dst: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+        # Only the classes present in the batch are read (at batch 1: one class's weights),
+        # as in UniformHead._kernel_logits.
+        pred = _per_class_matmul(f_src, self.weight, cls) + torch.index_select(self.bias, 0, cls)
+        r = f_dst * self.dst_scale - pred
+        return (r * r).sum(dim=1)
+
+
+def _per_class_matmul(f: torch.Tensor, w: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+    """Row i of ``f [B, D]`` times ``w[cls[i]]`` (``w [C, D, E]``): ``[B, E]``. Reads each class
+    present in the batch once: one matmul per present class, gathered after (a gathered copy
+    of the weights per input would cost more than the matmul)."""
+    classes, row_class = torch.unique(cls, sorted=True, return_inverse=True)
+    z = torch.matmul(f, torch.index_select(w, 0, classes))                      # [U, B, E]
+    idx = row_class.reshape(1, -1, 1).expand(1, -1, z.shape[2])
+    return z.gather(0, idx).squeeze(0)
+
+
 class UniformHead(nn.Module):
     """``(logits, pred, feats) -> (score [B], layer_scores [B, L])``; higher = more anomalous.
 
@@ -205,7 +249,7 @@ class UniformHead(nn.Module):
         self.register_buffer("centre", torch.tensor(centres.T, dtype=torch.float32))
         self.rbf_layers = [i for i, r in enumerate(regions) if isinstance(r, RBFLayerRegions)]
         self.fused = bool(self.rbf_layers) and all(
-            isinstance(r, (RBFLayerRegions, ScoreLayerRegions)) for r in regions)
+            isinstance(r, (RBFLayerRegions, ScoreLayerRegions, ConsistencyLayerRegions)) for r in regions)
         if self.fused:
             self._build_fused([regions[i] for i in self.rbf_layers], centres[self.rbf_layers])
 
@@ -237,9 +281,15 @@ class UniformHead(nn.Module):
         self.register_buffer("feat_mean", torch.tensor(np.concatenate(centre_of), dtype=torch.float32))
         self.register_buffer("norm_w", torch.tensor(w2, dtype=torch.float32))         # [D, L]
 
+    def _inputs(self, li: int, feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The features region ``li`` reads: its own tap's, or a consistency column's two taps'
+        (consistency columns come after the taps' columns)."""
+        r = self.regions[li]
+        return (feats[r.src], feats[r.dst]) if isinstance(r, ConsistencyLayerRegions) else (feats[li],)
+
     def raw(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
         """Raw outside-ness of every layer for every class: ``[B, L, C]``."""
-        return torch.stack([r(f) for r, f in zip(self.regions, feats)], dim=1)
+        return torch.stack([r(*self._inputs(li, feats)) for li, r in enumerate(self.regions)], dim=1)
 
     def _kernel_logits(self, pred: torch.Tensor, *feats: torch.Tensor) -> torch.Tensor:
         """``f_l @ W_l[pred]`` of every layer side by side, ``[B, sum m_l]``, reading only the
@@ -269,19 +319,26 @@ class UniformHead(nn.Module):
 
     def _with_score_layers(self, pred: torch.Tensor, fused: torch.Tensor,
                            feats: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The fused layers' centred raw ``[B, L_rbf]`` with the score layers' columns put in
-        layer order (value - centre); consecutive fused layers stay one slice."""
-        if len(self.rbf_layers) == len(feats):
+        """The fused layers' centred raw ``[B, L_rbf]`` with the score and consistency layers'
+        columns put in layer order (raw - centre); consecutive fused layers stay one slice."""
+        if len(self.rbf_layers) == len(self.regions):
             return fused
         pieces, k = [], 0
-        for is_rbf, run in itertools.groupby(range(len(feats)), key=lambda i: i in self.rbf_layers):
+        for is_rbf, run in itertools.groupby(range(len(self.regions)), key=lambda i: i in self.rbf_layers):
             run = list(run)
             if is_rbf:
                 pieces.append(fused[:, k:k + len(run)])
                 k += len(run)
             else:
-                pieces += [feats[i][:, :1] - torch.index_select(self.centre[:, i], 0, pred).unsqueeze(1) for i in run]
+                pieces += [self._raw_column(i, pred, feats) - torch.index_select(self.centre[:, i], 0, pred).unsqueeze(1)
+                           for i in run]
         return torch.cat(pieces, dim=1)
+
+    def _raw_column(self, li: int, pred: torch.Tensor, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        """raw ``[B, 1]`` of a layer outside the fused RBF block, for the predicted class."""
+        if isinstance(self.regions[li], ScoreLayerRegions):
+            return feats[li][:, :1]
+        return self.regions[li].raw_for(*self._inputs(li, feats), pred).unsqueeze(1)
 
     def forward(self, logits: torch.Tensor, pred: torch.Tensor, feats: Sequence[torch.Tensor]):
         if self.fused:
@@ -289,6 +346,6 @@ class UniformHead(nn.Module):
             raw = self._with_score_layers(pred, fused, feats)
             layer_scores = raw * torch.index_select(self.inv_scale, 0, pred)
             return layer_scores.amax(dim=1), layer_scores
-        raw = torch.stack([r.raw_for(f, pred) for r, f in zip(self.regions, feats)], dim=1)   # [B, L]
+        raw = torch.stack([r.raw_for(*self._inputs(li, feats), pred) for li, r in enumerate(self.regions)], dim=1)   # [B, L]
         layer_scores = (raw - torch.index_select(self.centre, 0, pred)) * torch.index_select(self.inv_scale, 0, pred)
         return layer_scores.amax(dim=1), layer_scores

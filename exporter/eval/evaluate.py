@@ -123,6 +123,16 @@ def load_setup(setup: str):
     return mod.pretrained(), mod.DATASET
 
 
+def setup_options(setup: str, detector_kwargs: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """Detector options of a reference setup (its module's ``DETECTOR_OPTIONS``, chosen on its
+    validation sets), overridden per option by ``detector_kwargs``."""
+    mod = importlib.import_module(f"ufad.models.{setup}")
+    out = {name: dict(kw) for name, kw in getattr(mod, "DETECTOR_OPTIONS", {}).items()}
+    for name, kw in (detector_kwargs or {}).items():
+        out[name] = {**out.get(name, {}), **kw}
+    return out
+
+
 def build_data(model, dataset: str, sizes: Sizes, split: str, seed: int) -> dict[str, Any]:
     """The ID arrays of one run: fit, calibration and ID evaluation sets (see ``split``)."""
     x_tr, y_tr = datasets.load(dataset, "train")
@@ -253,6 +263,7 @@ def evaluate_setup(setup: str, out_dir: Path, *, quick: bool = False, detectors:
     attack_plan = attack_plan if attack_plan is not None else (ATTACKS_QUICK if quick else ATTACKS_FULL)
     t0 = time.time()
     model, dataset = load_setup(setup)
+    detector_kwargs = setup_options(setup, detector_kwargs)
     class_names = datasets.class_names(dataset)
     _log(f"[{setup}] ID = {dataset}; building data and anomaly sets ({'quick' if quick else 'full'}, split={split})", progress)
     data = build_data(model, dataset, sizes, split, seed)
@@ -325,6 +336,8 @@ def evaluate(setup: str | Sequence[str], out_dir: str | Path, quick: bool = Fals
               "attack_plan": None if attack_plan is None else [list(a) for a in attack_plan],
               **({"adaptive": True} if adaptive else {})}
     for s in setups:
+        # a setup's own detector options are part of what its cached result was made with
+        config = {**config, "detector_kwargs": setup_options(s, detector_kwargs)}
         cached = _load_setup_result(out_dir, s, config) if reuse else None
         if cached is not None:
             _log(f"[{s}] reusing {out_dir / f'setup_{s}.json'} (same configuration)", progress)
