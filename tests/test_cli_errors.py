@@ -143,6 +143,8 @@ def _export(*args: str):
     (["--tpr", "1.5"], r"--tpr must be in \(0, 1\]"),
     (["--calib-data", "nope.npz"], r"nope.npz: no such file"),
     (["--limit", "0"], r"--limit must be >= 1"),
+    (["--layers", "penultimate", "--consistency", "penultimate"],
+     r"--consistency penultimate predicts the last monitored module layer .* or set --consistency none"),
 ])
 def test_export_option_errors_come_before_any_work(user_models, extra, match):
     args = ["ufad.models.mnist_cnn:pretrained", "--data", "mnist", *extra]
@@ -221,6 +223,22 @@ def test_dict_output_with_a_logits_key_is_picked(user_models, digits):
     sess = AnomalySession(user_models / "d.onnx", provider="cpu")
     assert sess.info.classes == tuple(str(i) for i in range(10))
     assert np.mean(~sess.run(digits).is_anomaly) >= 0.85
+
+
+def test_consistency_column_on_a_user_mlp(user_models, digits):
+    """``--consistency penultimate`` on a model nobody here designed for (a digits MLP behind a
+    dict output): one more column, named after its two taps, and the file still accepts held-out
+    digits and flags uniform noise."""
+    res, _ = _export("ufad_user_nets:dict_out", "--data", "digits.npz", "--weights", "wrapped.safetensors",
+                     "--consistency", "penultimate", "-o", "dc.onnx")
+    assert res.exit_code == 0, res.output
+    sess = AnomalySession(user_models / "dc.onnx", provider="cpu")
+    *taps, column = sess.layer_names
+    modules = [t for t in taps if not t.startswith("@")]
+    assert column == f"{modules[-2]}>{modules[-1]}", sess.layer_names
+    assert np.mean(~sess.run(digits).is_anomaly) >= 0.85
+    noise = np.random.default_rng(0).uniform(0, 1, (200, 64)).astype(np.float32)
+    assert sess.run(noise).is_anomaly.mean() >= 0.95
 
 
 # ------------------------------------------------------------------ range policy per input kind

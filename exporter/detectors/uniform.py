@@ -167,6 +167,8 @@ class UniformDetector(Detector):
         self.max_points, self.min_points = int(max_points), int(min_points)
         self.regions, self.codebook_size = regions, int(codebook_size)
         self.consistency = consistency
+        if consistency != "none" and self.layers is not None:
+            self._consistency_layers()   # explicit layers: a wrong setting fails before any work
         self.boundary_threshold: float | None = None
         self._head: UniformHead | None = None
 
@@ -337,7 +339,10 @@ class UniformDetector(Detector):
         One centre and scale for all classes: the energy's scale is the model's, not a class's.
         With no held-out points (no class has more than ``max_points``), the region points
         (``cross_fit``): a consistency layer then takes its out-of-fold raw, since its
-        regression was fitted on those very points."""
+        regression was fitted on those very points (in-sample residuals are ~1.7x smaller on
+        6000 MNIST images, and a column matched on them would dominate the max). The region
+        layers' max is in-sample then too, so the score layers come out somewhat low: they
+        decide less often, never more."""
         head = UniformHead([regions[li] for li in others], scales[others], centres[others])
         u, raw = [], {li: [] for li in score_layers}
         classes = sorted(points)
@@ -368,9 +373,9 @@ class UniformDetector(Detector):
         modules = [i for i, l in enumerate(self.layers) if l not in OUTPUT_TAPS]
         if len(modules) < 2:
             raise ExportError(
-                f"{opt('consistency')}={self.consistency!r} predicts the last monitored module layer from "
+                f"{opt('consistency', self.consistency)} predicts the last monitored module layer from "
                 f"the one before it, but the layers {self.layers} hold {len(modules)} module layer(s); "
-                f"monitor two or more, or set {opt('consistency')}='none'.")
+                f"monitor two or more, or set {opt('consistency', 'none')}.")
         return modules[-2], modules[-1]
 
     def layer_score_names(self) -> list[str]:

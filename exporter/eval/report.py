@@ -212,7 +212,8 @@ def _setup_md(r: dict[str, Any], image_prefix: str = "") -> list[str]:
              "when 95% of ID is accepted; lower is better), detection accuracy (best balanced accuracy), "
              "detection rate at the calibrated threshold.\n")
     for n, d in dets.items():
-        L.append(f"#### {n} (threshold {d['threshold']:.4g}, layers: {', '.join(d['layers']) or '-'})\n")
+        opts = "".join(f", {k}={v}" for k, v in d.get("kwargs", {}).items() if k != "layers")
+        L.append(f"#### {n} (threshold {d['threshold']:.4g}, layers: {', '.join(d['layers']) or '-'}{opts})\n")
         L.append("| set | kind | AUROC | AUPR-IN | AUPR-OUT | FPR@95TPR | det. acc. | detected @thr |")
         L.append("|---|---|---|---|---|---|---|---|")
         for s, m in d["sets"].items():
@@ -264,8 +265,12 @@ def render_markdown(results: dict[str, Any], image_prefix: str = "") -> str:
              f"seed {results['seed']}; total {results['seconds_total']:.0f} s on {results['environment']['cpu_count']} "
              f"CPU core(s), torch threads {results['environment']['torch_threads']}.\n")
     L.append(f"Convention: {results['convention']}. Every score comes from the exported .onnx file run "
-             "by `ufad.runtime.AnomalySession` (onnxruntime, CPU). No setting was tuned on anomaly "
-             "data: all detectors use their defaults unless listed under kwargs in results.json.\n")
+             "by `ufad.runtime.AnomalySession` (onnxruntime, CPU). "
+             + ("No setting was tuned on these test anomaly sets" if results["split"] == "test"
+                else "These are the validation anomaly sets that settings are chosen on")
+             + ": every detector uses its defaults, except the options a setup chose on its validation "
+             "sets (`DETECTOR_OPTIONS` in its model module, listed with the detector below and under kwargs "
+             "in results.json).\n")
     for r in results["setups"].values():
         L.append("## Overview: " + r["setup"])
         dets = r["detectors"]
