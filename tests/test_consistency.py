@@ -34,8 +34,8 @@ def small(reference_model, mnist):
 
 @pytest.fixture(scope="module")
 def large(reference_model, mnist):
-    """20000 fitting images: ~2000 per class, so each class holds points out for the matching."""
-    return _fit(reference_model, mnist, 20000)
+    """15000 fitting images: ~1500 per class, so each class holds points out for the matching."""
+    return _fit(reference_model, mnist, 15000)
 
 
 @pytest.fixture(scope="module")
