@@ -127,7 +127,7 @@ def scaling_rows(work: Path, classes=(10, 100, 1000)) -> list[dict]:
         rep = det.export(path, check_inputs=x[:192], parity_rtol=1e-2)   # tight blobs: see docs/models.md
         bare = _bare(model, (64,), work / f"blobs_{c}_bare.onnx")
         rows.append({"classes": c, "train_accuracy": acc, "fit_s": fit_s, "regions": det.regions_kind_,
-                     "output_tap": det.layers[-1], "parity": rep.parity_max_rel_diff,
+                     "output_tap": [t for t in det.layers if t.startswith("@")], "parity": rep.parity_max_rel_diff,
                      "size_bare_mb": bare.stat().st_size / 1e6, "size_det_mb": path.stat().st_size / 1e6})
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -178,9 +178,10 @@ def thousand_class_row(work: Path, repeats: int | None, rounds: int, per_class: 
 
 CLASSES_TEXT = (
     "An MLP (64 -> 256 -> 256 -> C) on C Gaussian blobs, 60 points per class; the uniform detector "
-    "with its defaults. Up to 100 classes the output tap is `@sqrt_softmax` (C dimensions) and "
+    "with its defaults. Up to 100 classes the output taps are `@sqrt_softmax` (C dimensions) and "
+    "`@energy` (1 dimension, no region) and "
     "each class keeps its own support vectors at every layer (`regions=exact`, `[C, m, D]`); "
-    "above 100 classes the output tap is `@sqrt_softmax_top10` (10 dimensions, whatever C), and "
+    "above 100 classes `@sqrt_softmax_top10` (10 dimensions, whatever C) replaces the first, and "
     "once the exact form would exceed 4M floats (or a quarter of the model's parameters) the "
     "regions share one codebook of 512 prototypes per layer and each class keeps the weights of "
     "32 of them (`regions=codebook`, `[K, D] + [C, 32]`): size and fit time then grow linearly "
@@ -195,10 +196,10 @@ CLASSES_TEXT = (
 
 def classes_markdown(scaling: list[dict], big: dict | None) -> list[str]:
     out = ["## Classes", "", CLASSES_TEXT, "",
-           "| classes | train accuracy | output tap | regions | fit + calibrate (s) | size bare / detector (MB) | detector / bare |",
+           "| classes | train accuracy | output taps | regions | fit + calibrate (s) | size bare / detector (MB) | detector / bare |",
            "|---|---|---|---|---|---|---|"]
     for r in scaling:
-        out.append(f"| {r['classes']} | {r['train_accuracy']:.3f} | `{r['output_tap']}` | {r['regions']} | {r['fit_s']:.1f} "
+        out.append(f"| {r['classes']} | {r['train_accuracy']:.3f} | {', '.join(f'`{t}`' for t in r['output_tap'])} | {r['regions']} | {r['fit_s']:.1f} "
                    f"| {r['size_bare_mb']:.2f} / {r['size_det_mb']:.2f} | {r['size_det_mb'] / r['size_bare_mb']:.2f}x |")
     if big:
         out += ["", "A realistic 1000-class model: torchvision ResNet-18 (`num_classes=1000`) at 3x32x32 with "
