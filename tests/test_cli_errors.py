@@ -236,6 +236,7 @@ def test_consistency_column_on_a_user_mlp(user_models, digits):
     *taps, column = sess.layer_names
     modules = [t for t in taps if not t.startswith("@")]
     assert column == f"{modules[-2]}>{modules[-1]}", sess.layer_names
+    assert f"+ columns ['{column}']" in res.output, res.output
     assert np.mean(~sess.run(digits).is_anomaly) >= 0.85
     noise = np.random.default_rng(0).uniform(0, 1, (200, 64)).astype(np.float32)
     assert sess.run(noise).is_anomaly.mean() >= 0.95

@@ -105,8 +105,10 @@ def export_command(model_spec, data, output, weights, calib_data, method, layers
     det.calibrate(xc, tpr=tpr, source=f"{calib_data or data} held-out split ({len(xc)} samples)")
     check = _check_inputs(check_data, x.shape[1:]) if check_data else xc[:192]
     rep = det.export(output, simplify=simplify, check_inputs=check, parity_rtol=parity_rtol)
+    extra = det.layer_score_names()[len(det.layers):] if det.layers else []   # e.g. a consistency column
     click.echo(
         f"wrote {rep.path} ({rep.size_bytes / 1e6:.2f} MB): method={method} layers={det.layers} "
+        f"{f'+ columns {extra} ' if extra else ''}"
         f"threshold={det.threshold:.4f} (ID accept {det.calibration.accepted:.3f} on held-out data), "
         f"torch/onnxruntime parity {rep.parity_max_rel_diff:.2e} on {rep.parity_samples} ID inputs "
         f"({rep.parity_noise_max_rel_diff:.2e} on noise)"
