@@ -55,7 +55,7 @@ from ..outputs import pick_logits
 from ..registry import Option
 from ..feature_maps import MAX_WHITEN_DIM, LayerMoments
 from .uniform_head import (BallLayerRegions, CodebookLayerRegions, ConsistencyLayerRegions, RBFLayerRegions,
-                           ScoreLayerRegions, UniformHead)
+                           ScoreLayerRegions, UniformHead, region_taps)
 
 # Floor of a (layer, class) spread of raw. raw is a log kernel-density ratio; a class whose
 # fitting points all sit in one spot of a layer (a very confident class at @sqrt_softmax)
@@ -81,9 +81,8 @@ CONSISTENCY = ("none", "penultimate")
 
 
 def _inputs(region: nn.Module, li: int, fs: Sequence[np.ndarray]) -> list[torch.Tensor]:
-    """The per-tap arrays ``fs`` that region ``li`` reads, as tensors (``UniformHead._inputs``)."""
-    idx = (region.src, region.dst) if isinstance(region, ConsistencyLayerRegions) else (li,)
-    return [torch.tensor(fs[i], dtype=torch.float32) for i in idx]
+    """The per-tap arrays ``fs`` that region ``li`` reads (``region_taps``), as tensors."""
+    return [torch.tensor(fs[i], dtype=torch.float32) for i in region_taps(region, li)]
 
 
 def _ids(ids: Sequence[int], cap: int = 12) -> str:

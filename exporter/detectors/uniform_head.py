@@ -207,21 +207,31 @@ class ConsistencyLayerRegions(nn.Module):
         return (r * r).sum(dim=2)
 
     def raw_for(self, f_src: torch.Tensor, f_dst: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
-        # Only the classes present in the batch are read (at batch 1: one class's weights),
-        # as in UniformHead._kernel_logits.
-        pred = _per_class_matmul(f_src, self.weight, cls) + torch.index_select(self.bias, 0, cls)
+        # Only the classes present in the batch are read (at batch 1: one class's weights).
+        pred = per_class_matmul([(f_src, self.weight)], cls) + torch.index_select(self.bias, 0, cls)
         r = f_dst * self.dst_scale - pred
         return (r * r).sum(dim=1)
 
 
-def _per_class_matmul(f: torch.Tensor, w: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
-    """Row i of ``f [B, D]`` times ``w[cls[i]]`` (``w [C, D, E]``): ``[B, E]``. Reads each class
-    present in the batch once: one matmul per present class, gathered after (a gathered copy
-    of the weights per input would cost more than the matmul)."""
+def per_class_matmul(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], cls: torch.Tensor) -> torch.Tensor:
+    """For each ``(f [B, D_k], w [C, D_k, E_k])``, row i of ``f`` times ``w[cls[i]]``, side by
+    side: ``[B, sum E_k]``, reading only the classes present in the batch: at batch 1 that is
+    1/C of the weights (what costs there); at large batches every class once, in one matmul
+    per pair, gathered after (a gathered copy of the weights per input would cost more than
+    the matmul). Same math for every batch size and no branch: an ``If`` on the batch size ran
+    no faster on the reference CNN (BENCHMARKS.md) and its ``torch.cond`` cost ~4.5 s of every
+    export's trace."""
     classes, row_class = torch.unique(cls, sorted=True, return_inverse=True)
-    z = torch.matmul(f, torch.index_select(w, 0, classes))                      # [U, B, E]
+    zs = [torch.matmul(f, torch.index_select(w, 0, classes)) for f, w in pairs]    # [U, B, E_k]
+    z = zs[0] if len(zs) == 1 else torch.cat(zs, dim=2)
     idx = row_class.reshape(1, -1, 1).expand(1, -1, z.shape[2])
     return z.gather(0, idx).squeeze(0)
+
+
+def region_taps(region: nn.Module, li: int) -> tuple[int, ...]:
+    """The taps (indices into the per-tap features) that region ``li`` reads: its own, or a
+    consistency column's two (consistency columns come after the taps' columns)."""
+    return (region.src, region.dst) if isinstance(region, ConsistencyLayerRegions) else (li,)
 
 
 class UniformHead(nn.Module):
@@ -282,31 +292,20 @@ class UniformHead(nn.Module):
         self.register_buffer("norm_w", torch.tensor(w2, dtype=torch.float32))         # [D, L]
 
     def _inputs(self, li: int, feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """The features region ``li`` reads: its own tap's, or a consistency column's two taps'
-        (consistency columns come after the taps' columns)."""
-        r = self.regions[li]
-        return (feats[r.src], feats[r.dst]) if isinstance(r, ConsistencyLayerRegions) else (feats[li],)
+        """The features region ``li`` reads (``region_taps``)."""
+        return tuple(feats[i] for i in region_taps(self.regions[li], li))
 
     def raw(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
         """Raw outside-ness of every layer for every class: ``[B, L, C]``."""
         return torch.stack([r(*self._inputs(li, feats)) for li, r in enumerate(self.regions)], dim=1)
 
     def _kernel_logits(self, pred: torch.Tensor, *feats: torch.Tensor) -> torch.Tensor:
-        """``f_l @ W_l[pred]`` of every layer side by side, ``[B, sum m_l]``, reading only the
-        classes present in the batch: at batch 1 that is 1/C of the weights (what costs there);
-        at large batches every class once, in one matmul per layer, gathered after (a gathered
-        copy of the weights per input would cost more than the matmul). Same math for every batch
-        size and no branch: an ``If`` on the batch size ran no faster on the reference CNN
-        (BENCHMARKS.md) and its ``torch.cond`` cost ~4.5 s of every export's trace.
+        """``f_l @ W_l[pred]`` of every layer side by side, ``[B, sum m_l]`` (``per_class_matmul``).
 
         A batch of one rounds differently from larger ones (onnxruntime's MatMul takes its
         vector kernel for a single row): the serving batcher (``runtime/serve_requests.py``)
         gives one-input requests a call of their own."""
-        classes, row_class = torch.unique(pred, sorted=True, return_inverse=True)
-        z = torch.cat([torch.matmul(f, torch.index_select(getattr(self, f"sv_w{li}"), 0, classes))
-                       for li, f in enumerate(feats)], dim=2)                          # [U, B, sum m_l]
-        idx = row_class.reshape(1, -1, 1).expand(1, -1, z.shape[2])
-        return z.gather(0, idx).squeeze(0)
+        return per_class_matmul([(f, getattr(self, f"sv_w{li}")) for li, f in enumerate(feats)], pred)
 
     def _fused_raw(self, pred: torch.Tensor, feats: Sequence[torch.Tensor]) -> torch.Tensor:
         """Centred raw outside-ness of the predicted class at every layer: ``[B, L]``."""
