@@ -1,9 +1,10 @@
 """The automatic choice of taps: one probe pass over the whole module tree, then per family.
 
-- conv nets (2-D and 1-D): one tap per stage of the network's spine, where resolution or
-  width changes, at most ``MAX_AUTO_STAGES``; never a lone activation / norm / pool /
-  dropout; the stem only in shallow nets; not a last stage that equals the penultimate
-  features (a 1x1 map that is only pooled into the head);
+- conv nets (2-D and 1-D) and Swin: one tap per stage of the network's spine, where
+  resolution or width changes, at most ``MAX_AUTO_STAGES`` (a chain of stages inside the
+  spine stands for its stages); never a lone activation / norm / pool / dropout /
+  parameter-free reshape; the stem only in shallow nets; not a last stage that equals the
+  penultimate features (a 1x1 map that is only pooled into the head);
 - transformers: three evenly spaced block outputs and the final norm;
 - RNNs: the recurrent module's output;
 - MLPs: the hidden activations before the head;
@@ -62,6 +63,12 @@ def _head(records: list[Record], logits: torch.Tensor) -> tuple[str | None, floa
     before which hidden taps must lie."""
     makers = [r for r in records if r.out_id == id(logits)]
     if not makers:
+        # No module returns the logits themselves: they are combined after the heads (timm's
+        # distilled models average a head and a distillation head in eval). Follow the
+        # last module that makes a tensor of the logits' shape instead.
+        makers = [r for r in records if r.out_shape == tuple(logits.shape) and not r.is_container]
+        makers = makers[-1:]
+    if not makers:
         return None, math.inf
     head = max(makers, key=lambda r: (r.depth, -r.order))      # the innermost module
     if not head.in_ids:
@@ -75,6 +82,12 @@ def _head(records: list[Record], logits: torch.Tensor) -> tuple[str | None, floa
     return f"{head.name}#in", first
 
 
+def _computes(r: Record) -> bool:
+    """A container or a layer with weights: not a parameter-free reshaping such as
+    torchvision's ``Permute`` in front of a Swin head (a copy of the last stage)."""
+    return r.is_container or any(True for _ in r.module.parameters(recurse=False))
+
+
 def _stages(records: list[Record], x_shape: tuple[int, ...], head_order: int) -> list[str]:
     """Conv nets (2-D or 1-D): one tap per stage of the network's spine, where resolution or
     width changes, at the last block of the stage; never a lone activation / norm / pool /
@@ -82,14 +95,15 @@ def _stages(records: list[Record], x_shape: tuple[int, ...], head_order: int) ->
 
     The spine is the module whose children run the network one after the other: the model
     itself, or, through wrappers (a normaliser in front, a ``features`` Sequential), the one
-    container that holds all its feature maps."""
+    container that holds all its feature maps. A child of the spine that is itself a chain of
+    stages (``stem, trunk_output[block1..4]``) stands for its stages."""
     last = {r.name: r for r in records if r.order < head_order}    # a module called twice: its last call
 
     def map_children(parent: str) -> list[Record]:
         prefix = parent + "." if parent else ""
         kids = [r for n, r in last.items() if n.startswith(prefix) and "." not in n[len(prefix):]]
         return sorted((r for r in kids if r.kind == "map" and r.out_shape != x_shape
-                       and not isinstance(r.module, LONE_OPS)), key=lambda r: r.order)
+                       and not isinstance(r.module, LONE_OPS) and _computes(r)), key=lambda r: r.order)
 
     def holders(parent: str) -> list[str]:   # children whose subtree makes the feature maps
         prefix = parent + "." if parent else ""
@@ -106,6 +120,17 @@ def _stages(records: list[Record], x_shape: tuple[int, ...], head_order: int) ->
         else:
             break
         kids = map_children(spine)
+    def stages_in(r: Record) -> list[Record]:
+        """A chain of stages (RegNet's ``trunk_output``, timm's ``stages`` / ``blocks``): a
+        container whose output is its last child's and whose children are blocks at two or
+        more output shapes; [] for anything else (a block, an inception's parallel branches)."""
+        sub = map_children(r.name) if r.is_container else []
+        if (len(sub) >= 2 and sub[-1].out_id == r.out_id and all(k.is_container for k in sub)
+                and len({k.out_shape for k in sub}) >= 2):
+            return sub
+        return []
+
+    kids = [k for r in kids for k in (stages_in(r) or [r])]
     picks: list[Record] = []
     for r in kids:   # consecutive children with the same output shape form one stage
         if picks and picks[-1].out_shape[1:] == r.out_shape[1:]:

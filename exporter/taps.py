@@ -20,7 +20,7 @@ Output kinds and their reductions to ``[B, D]`` (per channel, never per position
 | kind | shape | reductions (default first) |
 |---|---|---|
 | ``vector`` | ``[B, D]`` | ``none``, ``l2`` (divided by its L2 norm: Mahalanobis++) |
-| ``map`` | ``[B, C, H, W]``, ``[B, C, T]`` (conv / pool / 1-D conv outputs) | ``max`` (per-channel max over space or time; the detector's ``reduction``), ``mean``, ``flatten`` |
+| ``map`` | ``[B, C, H, W]``, ``[B, C, T]`` (conv / pool / 1-D conv outputs); ``[B, H, W, C]`` (Swin: ``Tap.channel_last``) | ``max`` (per-channel max over space or time; the detector's ``reduction``), ``mean``, ``flatten`` |
 | ``tokens`` | ``[B, N, D]`` (transformer blocks, norms, embeddings) | ``tokens_mean``, ``tokens_max``, ``cls`` (token 0) |
 | ``sequence`` | RNN / GRU / LSTM output (batch-first or not) | ``last`` (last step), ``tokens_max`` (max over time) |
 
@@ -83,6 +83,7 @@ class Tap:
     point: str = "output"      # "output" | "input"
     reduction: str | None = None
     time_major: bool = False   # an RNN without batch_first: [T, B, H]
+    channel_last: bool = False  # a [B, H, W, C] map (Swin's blocks): channels on the last axis
 
     @property
     def is_softmax(self) -> bool:
@@ -107,6 +108,8 @@ class Tap:
             return t / t.norm(dim=1, keepdim=True).clamp_min(1e-12)
         if t.dim() == 2 or how == "none":
             return t.float()
+        if self.channel_last:
+            t = t.movedim(-1, 1)
         if how == "flatten":
             return t.flatten(1).float()
         if how in ("max", "mean"):
@@ -184,6 +187,7 @@ class Record:
     in_shape: tuple[int, ...] | None
     kind: str | None = None
     out_type: str = "Tensor"
+    channel_last: bool = False
 
     @property
     def is_container(self) -> bool:
@@ -200,6 +204,20 @@ def _tensor_of(module: nn.Module, out: Any) -> torch.Tensor | None:
 
 def _has(module: nn.Module, types: tuple) -> bool:
     return any(isinstance(m, types) for m in module.modules())
+
+
+def _channel_last(name: str, module: nn.Module, t: torch.Tensor, before: list["Record"]) -> bool:
+    """A 4-D output whose channels are its last axis (Swin's blocks and patch merging,
+    ``[B, H, W, C]``): the last layer with weights that ran inside the module (or the module
+    itself) is a Linear / LayerNorm acting on that axis. A ConvNeXt block, whose Linear layers
+    also act on a permuted copy, permutes back: its last axis is a width, not the Linear's."""
+    if t.dim() != 4 or t.shape[1] == t.shape[-1]:
+        return False
+    inner = [r.module for r in before if r.name.startswith(name + ".") and not r.is_container]
+    last = next((m for m in reversed(inner) if any(True for _ in m.parameters(recurse=False))), module)
+    width = (last.out_features if isinstance(last, nn.Linear) else
+             last.normalized_shape[-1] if isinstance(last, nn.LayerNorm) else None)
+    return width == t.shape[-1]
 
 
 def _kind(module: nn.Module, t: torch.Tensor) -> str:
@@ -238,7 +256,7 @@ def probe(model: nn.Module, example: torch.Tensor) -> tuple[list[Record], Any]:
                 name, m, len(records), name.count(".") + 1,
                 None if t is None else tuple(t.shape), None if t is None else id(t), ins,
                 None if first is None else tuple(first.shape), None if t is None else _kind(m, t),
-                type(out).__name__))
+                type(out).__name__, t is not None and _channel_last(name, m, t, records)))
         handles.append(mod.register_forward_hook(hook))
     try:
         with torch.no_grad():
@@ -302,7 +320,8 @@ def resolve_taps(model: nn.Module, layers: Sequence[str], example: torch.Tensor,
             raise ExportError(f"tap {spec!r}: reduction {red!r} does not fit a {kind} output of shape "
                               f"{shape}; choose one of {list(ALLOWED[kind])}.")
         time_major = kind == "sequence" and not getattr(rec.module, "batch_first", True)
-        taps.append(Tap(spec, tap.module, tap.point, red, time_major))
+        channel_last = kind == "map" and tap.point == "output" and rec.channel_last
+        taps.append(Tap(spec, tap.module, tap.point, red, time_major, channel_last))
     return taps
 
 

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from ufad.exporter.auto_layers import choose  # noqa: E402
-from ufad.exporter.taps import Tap, parse_spec, resolve_taps  # noqa: E402
+from ufad.exporter.taps import ActivationCapture, Tap, parse_spec, resolve_taps  # noqa: E402
 from ufad.runtime import ExportError  # noqa: E402
 from ufad.runtime.cli import main  # noqa: E402
 from vision_imports import import_timm, import_torchvision  # noqa: E402
@@ -97,6 +97,58 @@ def test_torchvision_and_timm_families():
     v = choose(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32,
                                  patch_size=8).eval(), x)
     assert v.layers == ["blocks.3", "blocks.7", "blocks.11", "norm", "head#in"]
+
+
+def test_stage_chains_and_averaged_heads():
+    """A spine child that is a chain of stages stands for its stages (torchvision RegNet's
+    ``trunk_output``, timm's ``stages`` / ``blocks``), never for one tap at its end; an inception
+    block's parallel branches are not a chain. Logits averaged after two heads (timm's distilled
+    models in eval) still give the penultimate features."""
+    tv, timm = import_torchvision(), import_timm()
+    if tv is None or timm is None:
+        pytest.skip("torchvision / timm not installed")
+    x = torch.rand(2, 3, 32, 32)
+    regnet = tv.models.regnet_y_400mf(num_classes=10).eval()
+    # at 32x32 block4 ends at 1x1 and is fc's input; at 64x64 it is a stage of its own
+    assert choose(regnet, x).layers == ["trunk_output.block1", "trunk_output.block2", "trunk_output.block3", "fc#in"]
+    assert choose(regnet, torch.rand(2, 3, 64, 64)).layers == [
+        "trunk_output.block1", "trunk_output.block2", "trunk_output.block3", "trunk_output.block4", "fc#in"]
+    assert choose(timm.create_model("convnext_atto", num_classes=10).eval(), x).layers == [
+        "stages.0", "stages.1", "stages.2", "stages.3", "head.fc#in"]
+    assert choose(timm.create_model("efficientnet_b0", num_classes=10).eval(), x).layers == [
+        "blocks.1", "blocks.3", "blocks.5", "conv_head", "global_pool"]
+    googlenet = tv.models.googlenet(num_classes=10, aux_logits=False, init_weights=True).eval()
+    assert choose(googlenet, x).layers == ["inception3a", "inception4c", "inception4e", "fc#in"]
+    deit = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=10, img_size=32, patch_size=8).eval()
+    assert choose(deit, x).layers == ["blocks.3", "blocks.7", "blocks.11", "norm", "head_dist#in"]
+
+
+def test_channel_last_maps_are_reduced_per_channel():
+    """Swin's stages give ``[B, H, W, C]`` maps: reduced per channel (C values), not per row
+    (H values); a ConvNeXt block, whose Linear layers run on a permuted copy, stays channel-first."""
+    tv = import_torchvision()
+    if tv is None:
+        pytest.skip("torchvision not installed")
+    torch.manual_seed(0)
+    swin = tv.models.swin_transformer.SwinTransformer(
+        patch_size=[2, 2], embed_dim=32, depths=[2, 2, 2], num_heads=[2, 4, 8], window_size=[4, 4],
+        num_classes=10).eval()
+    x = torch.rand(3, 3, 32, 32)
+    layers = choose(swin, x).layers
+    assert layers == ["features.1", "features.3", "features.5", "head#in"]   # no Permute copy of the last stage
+    taps = resolve_taps(swin, layers, x)
+    assert [t.channel_last for t in taps] == [True, True, True, False]
+    cap = ActivationCapture(swin, taps)
+    with torch.no_grad():
+        logits = swin(x)
+    feats = cap.collect(logits)
+    cap.remove()
+    assert [tuple(f.shape) for f in feats] == [(3, 32), (3, 64), (3, 128), (3, 128)]
+    with torch.no_grad():
+        stage = swin.features[:2](x)                          # [B, 16, 16, 32]
+    assert torch.equal(feats[0], stage.amax(dim=(1, 2)))
+    convnext = tv.models.convnext_tiny(num_classes=10).eval()
+    assert not any(t.channel_last for t in resolve_taps(convnext, choose(convnext, x).layers, x))
 
 
 def test_ufad_layers_marks_the_automatic_choice():
