@@ -24,7 +24,7 @@ from torch import nn
 
 from ufad.runtime.errors import ExportError, opt
 
-from .taps import LONE_OPS, PROBE_SAMPLES, ActivationCapture, Record, probe, run_model
+from .taps import LONE_OPS, PROBE_SAMPLES, ActivationCapture, Record, has_weights, probe, run_model
 
 #: at most this many hidden taps of one family are chosen automatically
 MAX_AUTO_STAGES = 4
@@ -85,7 +85,7 @@ def _head(records: list[Record], logits: torch.Tensor) -> tuple[str | None, floa
 def _computes(r: Record) -> bool:
     """A container or a layer with weights: not a parameter-free reshaping such as
     torchvision's ``Permute`` in front of a Swin head (a copy of the last stage)."""
-    return r.is_container or any(True for _ in r.module.parameters(recurse=False))
+    return r.is_container or has_weights(r.module)
 
 
 def _stages(records: list[Record], x_shape: tuple[int, ...], head_order: int) -> list[str]:
@@ -120,6 +120,7 @@ def _stages(records: list[Record], x_shape: tuple[int, ...], head_order: int) ->
         else:
             break
         kids = map_children(spine)
+
     def stages_in(r: Record) -> list[Record]:
         """A chain of stages (RegNet's ``trunk_output``, timm's ``stages`` / ``blocks``): a
         container whose output is its last child's and whose children are blocks at two or

@@ -202,6 +202,11 @@ def _tensor_of(module: nn.Module, out: Any) -> torch.Tensor | None:
     return None
 
 
+def has_weights(module: nn.Module) -> bool:
+    """The module holds parameters of its own (not counting its submodules')."""
+    return any(True for _ in module.parameters(recurse=False))
+
+
 def _has(module: nn.Module, types: tuple) -> bool:
     return any(isinstance(m, types) for m in module.modules())
 
@@ -214,7 +219,7 @@ def _channel_last(name: str, module: nn.Module, t: torch.Tensor, before: list["R
     if t.dim() != 4 or t.shape[1] == t.shape[-1]:
         return False
     inner = [r.module for r in before if r.name.startswith(name + ".") and not r.is_container]
-    last = next((m for m in reversed(inner) if any(True for _ in m.parameters(recurse=False))), module)
+    last = next((m for m in reversed(inner) if has_weights(m)), module)
     width = (last.out_features if isinstance(last, nn.Linear) else
              last.normalized_shape[-1] if isinstance(last, nn.LayerNorm) else None)
     return width == t.shape[-1]

@@ -154,6 +154,7 @@ def auroc(id_scores: np.ndarray, anomaly_scores: np.ndarray) -> float:
     return float((a > b).mean() + 0.5 * (a == b).mean())
 
 
+ZOO_MODELS = ("resnet18", "mobilenet_v3_small", "vit_tiny", "swin", "normalised_cnn", "cnn1d", "gru", "mlp")
 IMAGE_MODELS = ("resnet18", "mobilenet_v3_small", "vit_tiny", "swin", "normalised_cnn")
 LR = {"vit_tiny": 5e-4}
 EPOCHS = {"swin": 8, "resnet18": 1, "mobilenet_v3_small": 2, "vit_tiny": 6, "cnn1d": 20, "gru": 20, "mlp": 60}
@@ -179,8 +180,7 @@ def zoo_dir(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "vit_tiny", "swin", "normalised_cnn",
-                                  "cnn1d", "gru", "mlp"])
+@pytest.mark.parametrize("name", ZOO_MODELS)
 def test_zoo_model_exports_with_automatic_layers(zoo_dir, name, monkeypatch):
     from safetensors.torch import save_file
 

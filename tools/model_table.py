@@ -73,7 +73,7 @@ def zoo_rows(work: Path, repeats: int | None, rounds: int) -> list[dict]:
     ns: dict = {}
     exec(tz.ZOO, ns)
     rows = []
-    for name in ("resnet18", "mobilenet_v3_small", "vit_tiny", "swin", "normalised_cnn", "cnn1d", "gru", "mlp"):
+    for name in tz.ZOO_MODELS:
         t0 = time.time()
         x, y, x_test, _, x_ood, noise = tz.zoo_data(name)
         torch.manual_seed(0)
