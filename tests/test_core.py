@@ -95,7 +95,10 @@ def test_reference_scores_a_loader_as_it_scores_the_array(fitted_detector, mnist
     assert whole.keys() == parts.keys() and len(whole["score"]) == 700
     for name in whole:
         assert whole[name].dtype == parts[name].dtype and whole[name].shape == parts[name].shape
-        np.testing.assert_allclose(parts[name], whole[name], rtol=1e-5, atol=1e-5, err_msg=name)
+        # The batches differ in size (5 / 295 / 1 / 399 rows against the array's own chunks),
+        # so float32 GEMMs block differently: a layer score near 0 moved by 2e-5 in a serial
+        # run. A row out of order would differ by O(1).
+        np.testing.assert_allclose(parts[name], whole[name], rtol=1e-5, atol=1e-4, err_msg=name)
     assert (whole["pred"] == fitted_detector.model(torch.tensor(x)).argmax(1).numpy()).all()
 
 
