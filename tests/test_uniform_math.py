@@ -35,7 +35,7 @@ def test_fused_head_equals_per_layer_reference(fitted_detector, features):
     # the default layers: conv blocks, a whitened penultimate layer, sqrt(softmax), the energy
     assert fitted_detector.layers[-2:] == ["@sqrt_softmax", "@energy"]
     assert fitted_detector.params()["feature_maps"] == ["standardize"] * 3 + ["whiten"] + ["standardize"] * 2
-    assert head.whitened == [3] and head.rbf_layers == [0, 1, 2, 3, 4]
+    assert head.whitened == [3] and head.region_layers == [0, 1, 2, 3, 4] and not head.ball
     with torch.no_grad():
         for batch in (1, 7, 16, 17, len(pred)):                        # both If branches
             got = torch.cat([head(None, pred[i:i + batch], [f[i:i + batch] for f in feats])[1]
@@ -44,6 +44,27 @@ def test_fused_head_equals_per_layer_reference(fitted_detector, features):
             assert float(rel.max()) <= 1e-4, (batch, float(rel.max()))
     np.testing.assert_allclose(ref["layer_scores"], per_layer.numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(ref["score"], per_layer.numpy().max(1), rtol=1e-4, atol=1e-4)
+
+
+def test_fused_ball_head_equals_per_layer_reference(reference_model, mnist, features):
+    """Ball regions take the same fused path (one concat, one gathered row of centres): its
+    layer scores are the per-layer ``BallLayerRegions``' own, at batch 1 and larger."""
+    from ufad.exporter import UniformDetector
+
+    x, y = mnist["train"]
+    det = UniformDetector(reference_model, boundary="ball", progress=False).fit(x[:3000], y[:3000])
+    _, feats, pred = features
+    head: UniformHead = det.head()
+    assert head.fused and head.ball and head.whitened == [3]
+    with torch.no_grad():
+        raw = head.raw(feats)
+        per_layer = (raw[torch.arange(len(pred)), :, pred] - head.centre[pred]) * head.inv_scale[pred]
+        for batch in (1, 16, len(pred)):
+            got = torch.cat([head(None, pred[i:i + batch], [f[i:i + batch] for f in feats])[1]
+                             for i in range(0, len(pred), batch)])
+            rel = (got - per_layer).abs() / per_layer.abs().clamp(min=1.0)
+            assert float(rel.max()) <= 1e-4, (batch, float(rel.max()))
+    assert float(per_layer.std(0).min()) > 0.1   # real, varying scores in every column
 
 
 def test_energy_layer_is_on_the_scale_of_the_other_layers(fitted_detector, features, mnist):

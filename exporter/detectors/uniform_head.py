@@ -151,9 +151,12 @@ class BallLayerRegions(nn.Module):
 
     def __init__(self, fmap: FeatureMap, regions: Sequence[boundaries.BallRegion]):
         super().__init__()
+        self.fmap, self.num_classes = fmap, len(regions)
         self.affine = Affine(fmap)
         self.register_buffer("centers", torch.tensor(np.stack([r.center for r in regions]), dtype=torch.float32))
         self.register_buffer("radius", torch.tensor([r.radius for r in regions], dtype=torch.float32))
+        # float64 copies for UniformHead's fused graph (folded before the float32 cast).
+        self._f64 = {"centers": np.stack([r.center for r in regions]), "radius": np.array([r.radius for r in regions])}
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         # The differences themselves, not ||h||^2 - 2 h.c + ||c||^2: near a centre that
@@ -246,8 +249,10 @@ class UniformHead(nn.Module):
     ``_kernel_logits`` (only the classes present in the batch are read), one ReduceLogSumExp per
     layer over that layer's own width, and ||u||^2 of every layer is one MatMul of the squared
     centred features (a whitened layer enters that concat as f @ A, one MatMul with its D x D
-    map). A score layer (``ScoreLayerRegions``) joins the fused layers' columns as its value
-    minus its centre. The per-layer region modules (``raw``) stay the unfused reference; both
+    map). Ball regions share that concat: the predicted class's centres are one gathered row
+    of a ``[C, sum D_l]`` constant (the radius and centre one ``[C, L]``), so the ball head is
+    ~15 nodes for any number of layers. A score layer (``ScoreLayerRegions``) joins the fused
+    layers' columns as its value minus its centre. The per-layer region modules (``raw``) stay the unfused reference; both
     give the same numbers up to float error.
     """
 
@@ -257,39 +262,55 @@ class UniformHead(nn.Module):
         # [L, C] -> stored as [C, L] so one gather picks the predicted class for every layer.
         self.register_buffer("inv_scale", torch.tensor(1.0 / scales.T, dtype=torch.float32))
         self.register_buffer("centre", torch.tensor(centres.T, dtype=torch.float32))
-        self.rbf_layers = [i for i, r in enumerate(regions) if isinstance(r, RBFLayerRegions)]
-        self.fused = bool(self.rbf_layers) and all(
-            isinstance(r, (RBFLayerRegions, ScoreLayerRegions, ConsistencyLayerRegions)) for r in regions)
+        self.region_layers = [i for i, r in enumerate(regions) if isinstance(r, (RBFLayerRegions, BallLayerRegions))]
+        self.ball = any(isinstance(regions[i], BallLayerRegions) for i in self.region_layers)
+        self.fused = bool(self.region_layers) and all(
+            isinstance(r, (RBFLayerRegions, BallLayerRegions, ScoreLayerRegions, ConsistencyLayerRegions))
+            for r in regions) and len({type(regions[i]) for i in self.region_layers}) == 1
         if self.fused:
-            self._build_fused([regions[i] for i in self.rbf_layers], centres[self.rbf_layers])
+            self._build_fused([regions[i] for i in self.region_layers], centres[self.region_layers])
 
-    def _build_fused(self, regions: Sequence["RBFLayerRegions"], centres: np.ndarray) -> None:
+    def _build_fused(self, regions: Sequence[nn.Module], centres: np.ndarray) -> None:
+        """Both kinds read the same concat of the layers' features (a whitened layer as f A)
+        minus a point, squared, summed per layer by one MatMul with ``norm_w [D, L]`` (1 for a
+        whitened segment, w_d^2 for a standardized one): ||u_l - p_l||^2 per layer."""
         self.num_classes = regions[0].num_classes
+        dims = [len(r.fmap.mean) for r in regions]
+        w2 = np.zeros((sum(dims), len(regions)))
+        start, self.whitened, points = 0, [], []
+        for li, (r, d) in enumerate(zip(regions, dims)):
+            t = r.fmap.transform
+            # The point (in f-space for a standardized segment, in f A-space for a whitened one)
+            # whose mapped value u is 0 (RBF: ||u||^2) or the class's ball centre c ([C, D]).
+            c = r._f64["centers"] if self.ball else 0.0
+            if t.ndim == 2:   # its segment of the concat holds f A: u = f A + b
+                self.whitened.append(li)
+                self.register_buffer(f"wh_a{li}", torch.tensor(t, dtype=torch.float32))
+                points.append(c - r.fmap.bias())
+                w2[start:start + d, li] = 1.0
+            else:             # u_d = w_d (f_d - mean_d)
+                points.append(r.fmap.mean + c / t)
+                w2[start:start + d, li] = t ** 2
+            start += d
+        self.register_buffer("norm_w", torch.tensor(w2, dtype=torch.float32))         # [D, L]
+        if self.ball:     # one point per class: [C, D], gathered for the predicted class
+            points = [np.broadcast_to(p, (self.num_classes, d)) for p, d in zip(points, dims)]
+            self.register_buffer("feat_centre", torch.tensor(np.concatenate(points, axis=1), dtype=torch.float32))
+            radius = np.stack([r._f64["radius"] for r in regions], axis=1)             # [C, L]
+            self.register_buffer("radius_c", torch.tensor(radius + centres.T, dtype=torch.float32))
+            return
+        self.register_buffer("feat_mean", torch.tensor(np.concatenate(points), dtype=torch.float32))
         # Each layer keeps its own width (its most support vectors over classes): padding every
         # layer to the widest one read up to 2x the weights at batch 1 (zoo ResNet-18: 498 ->
         # 354 KB per class).
         self.widths = [int(r.max_sv) for r in regions]
-        dims = [len(r.fmap.mean) for r in regions]
-        w2 = np.zeros((sum(dims), len(regions)))
-        consts, start, self.whitened, centre_of = [], 0, [], []
-        for li, (r, d) in enumerate(zip(regions, dims)):
-            t = r.fmap.transform
-            if t.ndim == 2:   # its segment of the concat holds f A, "centred" by -b: u = f A + b
-                self.whitened.append(li)
-                self.register_buffer(f"wh_a{li}", torch.tensor(t, dtype=torch.float32))
-                centre_of.append(-r.fmap.bias())
-                w2[start:start + d, li] = 1.0
-            else:             # ||u_l||^2 = sum_{d in l} w_d^2 (f_d - mean_d)^2
-                centre_of.append(r.fmap.mean)
-                w2[start:start + d, li] = t ** 2
+        consts = []
+        for li, r in enumerate(regions):
             w, c = r.fused(self.widths[li])
             self.register_buffer(f"sv_w{li}", torch.tensor(w, dtype=torch.float32))   # [C, D_l, m_l]
             # logsumexp(z + centre) = logsumexp(z) + centre: the centre costs no graph node.
             consts.append(np.where(c > PAD_LOGIT, c + centres[li][:, None], PAD_LOGIT))
-            start += d
         self.register_buffer("sv_c", torch.tensor(np.concatenate(consts, axis=1), dtype=torch.float32))  # [C, sum m_l]
-        self.register_buffer("feat_mean", torch.tensor(np.concatenate(centre_of), dtype=torch.float32))
-        self.register_buffer("norm_w", torch.tensor(w2, dtype=torch.float32))         # [D, L]
 
     def _inputs(self, li: int, feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """The features region ``li`` reads (``region_taps``)."""
@@ -310,7 +331,11 @@ class UniformHead(nn.Module):
     def _fused_raw(self, pred: torch.Tensor, feats: Sequence[torch.Tensor]) -> torch.Tensor:
         """Centred raw outside-ness of the predicted class at every layer: ``[B, L]``."""
         g = torch.cat([torch.matmul(f, getattr(self, f"wh_a{li}")) if li in self.whitened else f
-                       for li, f in enumerate(feats)], dim=1) - self.feat_mean
+                       for li, f in enumerate(feats)], dim=1)
+        if self.ball:   # ||u - c|| - radius - centre; the differences, not an expansion (see BallLayerRegions)
+            g = g - torch.index_select(self.feat_centre, 0, pred)
+            return torch.sqrt(torch.matmul(g * g, self.norm_w)) - torch.index_select(self.radius_c, 0, pred)
+        g = g - self.feat_mean
         norms = torch.matmul(g * g, self.norm_w)                                       # [B, L]
         z = self._kernel_logits(pred, *feats) + torch.index_select(self.sv_c, 0, pred)  # [B, sum m_l]
         lse = [torch.logsumexp(zl, dim=1, keepdim=True) for zl in torch.split(z, self.widths, dim=1)]
@@ -318,14 +343,14 @@ class UniformHead(nn.Module):
 
     def _with_score_layers(self, pred: torch.Tensor, fused: torch.Tensor,
                            feats: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The fused layers' centred raw ``[B, L_rbf]`` with the score and consistency layers'
+        """The fused layers' centred raw ``[B, L_regions]`` with the score and consistency layers'
         columns put in layer order (raw - centre); consecutive fused layers stay one slice."""
-        if len(self.rbf_layers) == len(self.regions):
+        if len(self.region_layers) == len(self.regions):
             return fused
         pieces, k = [], 0
-        for is_rbf, run in itertools.groupby(range(len(self.regions)), key=lambda i: i in self.rbf_layers):
+        for is_region, run in itertools.groupby(range(len(self.regions)), key=lambda i: i in self.region_layers):
             run = list(run)
-            if is_rbf:
+            if is_region:
                 pieces.append(fused[:, k:k + len(run)])
                 k += len(run)
             else:
@@ -334,14 +359,14 @@ class UniformHead(nn.Module):
         return torch.cat(pieces, dim=1)
 
     def _raw_column(self, li: int, pred: torch.Tensor, feats: Sequence[torch.Tensor]) -> torch.Tensor:
-        """raw ``[B, 1]`` of a layer outside the fused RBF block, for the predicted class."""
+        """raw ``[B, 1]`` of a layer outside the fused region block, for the predicted class."""
         if isinstance(self.regions[li], ScoreLayerRegions):
             return feats[li][:, :1]
         return self.regions[li].raw_for(*self._inputs(li, feats), pred).unsqueeze(1)
 
     def forward(self, logits: torch.Tensor, pred: torch.Tensor, feats: Sequence[torch.Tensor]):
         if self.fused:
-            fused = self._fused_raw(pred, [feats[i] for i in self.rbf_layers])
+            fused = self._fused_raw(pred, [feats[i] for i in self.region_layers])
             raw = self._with_score_layers(pred, fused, feats)
             layer_scores = raw * torch.index_select(self.inv_scale, 0, pred)
             return layer_scores.amax(dim=1), layer_scores
