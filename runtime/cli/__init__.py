@@ -122,6 +122,15 @@ class UfadGroup(click.Group):
                     pass
             click.echo(f"error: {e.render(cli_renderer(command))}", err=True)
             ctx.exit(e.exit_code)
+        except ImportError as e:
+            # A command of the export extra that imports torch (or torchvision, ...) only once
+            # it runs: the same one line as when its module itself needs it.
+            name = ctx.invoked_subcommand
+            if not (name in COMMANDS and COMMANDS[name][0].startswith("ufad.exporter.")
+                    and e.name and not e.name.startswith("ufad")):
+                raise
+            click.echo(f"error: {_missing_extra(name, e)}", err=True)
+            ctx.exit(2)
         except MemoryError:
             click.echo("error: out of memory; lower --batch-size or score fewer inputs at once", err=True)
             ctx.exit(2)
