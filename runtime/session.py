@@ -25,7 +25,7 @@ import numpy as np
 from . import format as fmt
 from . import integrity, signing
 from .errors import InputError, ModelFileError, ProviderError, opt
-from .inputs import RANGE_CHECKS, check_batch, out_of_range
+from .inputs import RANGE_CHECKS, batch_checker, out_of_range
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 MAX_FILE_BYTES = 2 ** 31
@@ -201,6 +201,7 @@ class AnomalySession:
         if provider.lower() == "auto" and PROVIDERS["cuda"] in providers and self.provider != PROVIDERS["cuda"]:
             warnings.warn(f"CUDA is installed but could not be used; running on {self.provider}", RuntimeWarning)
         self.range_check = range_check
+        self._check = batch_checker(self.info.input, range_check)
         # The calibrated threshold is the graph's own default (an initializer, covered by the
         # graph digest and checked equal to the metadata's): it is fed only to override it.
         self.threshold = self.info.threshold
@@ -257,7 +258,7 @@ class AnomalySession:
                 raise InputError(f"batch_size must be an integer, got {batch_size!r}") from None
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
-        arr, all_finite = check_batch(x, self.info.input, self.range_check)
+        arr, all_finite = self._check(x)
         thr, extra = self._threshold_feed(threshold)
         names = self._out_names + (self._act_names if activations else [])
         if len(arr) <= batch_size:
@@ -268,23 +269,24 @@ class AnomalySession:
             cols = [np.concatenate([c[k] for c in chunks]) for k in range(len(names))]
         if cols is None:
             return self._empty(thr, self._act_names if activations else [])
-        out = dict(zip(names, cols))
-        score, flagged = out[fmt.OUT_SCORE], out[fmt.OUT_IS_ANOMALY]
+        # At batch 1 the model's weights have just flushed the caches, so every Python object
+        # and numpy call here costs ~10x its warm time (BENCHMARKS.md): unpack, don't build dicts.
+        logits, pred, score, flagged, layer_scores = cols[:5]   # the order of self._out_names
+        nonfinite, oor = np.zeros((2, len(arr)), bool)   # one allocation, two independent rows
         if all_finite:
-            nonfinite = np.zeros(len(arr), bool)
             is_anomaly = flagged
         else:
             nonfinite = ~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)
             # The graph already gives these +inf; OR-ing keeps the rule true for threshold=+inf
             # and for files exported before the graph did it too.
             is_anomaly = flagged | nonfinite | np.isnan(score)
-        # The graph flags these itself (range policy "flag"); reported so a caller sees why.
-        oor = out_of_range(arr, self.info.input) if self._flag_range else np.zeros(len(arr), bool)
+        if self._flag_range:   # the graph flags these itself; reported so a caller sees why
+            oor = out_of_range(arr, self.info.input)
         return ScoreResult(
-            logits=out[fmt.OUT_LOGITS], pred=out[fmt.OUT_PRED], score=score, is_anomaly=is_anomaly,
-            layer_scores=out[fmt.OUT_LAYER_SCORES], threshold=thr, classes=self.classes,
-            layer_names=self.layer_names, provider=self.provider, nonfinite=nonfinite, out_of_range=oor,
-            activations={n: out[n] for n in (self._act_names if activations else [])},
+            logits=logits, pred=pred, score=score, is_anomaly=is_anomaly, layer_scores=layer_scores,
+            threshold=thr, classes=self.classes, layer_names=self.layer_names, provider=self.provider,
+            nonfinite=nonfinite, out_of_range=oor,
+            activations=dict(zip(self._act_names, cols[5:])) if activations else {},
         )
 
     def _threshold_feed(self, threshold: Any) -> tuple[float, dict[str, np.ndarray]]:
