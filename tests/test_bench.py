@@ -71,6 +71,27 @@ def test_bars_file_judges_the_result(quick_result):
     assert missing.value is None and missing.ok is None
 
 
+def test_cli_exit_status_says_whether_every_bar_passed(quick_result, tmp_path, monkeypatch):
+    """``ufad bench --bars``: exit 0 when every bar passes, 1 (naming the failed bars) when one
+    fails, so a CI step can gate on it."""
+    import json
+
+    from click.testing import CliRunner
+
+    import ufad.exporter.bench.run as bench_run
+    from ufad.runtime.cli import main
+
+    monkeypatch.setattr(bench_run, "run_bench", lambda cfg, log=None: dict(quick_result))
+    size_mb = quick_result["size"]["extra_bytes"] / 1e6
+    for limit, code in ((size_mb * 2, 0), (size_mb / 2, 1)):
+        bars = tmp_path / f"bars_{code}.json"
+        bars.write_text(json.dumps({"bench": [{"name": "extra size", "value": "size.extra_bytes", "scale": 1e-6,
+                                               "op": "<=", "limit": limit}]}))
+        out = CliRunner().invoke(main, ["bench", "--bars", str(bars)])
+        assert out.exit_code == code, out.output
+        assert ("1 bar(s) of" in out.output and "failed: extra size" in out.output) is (code == 1), out.output
+
+
 def test_bad_bars_file_is_a_clear_error(tmp_path):
     from click.testing import CliRunner
 

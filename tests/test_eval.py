@@ -126,6 +126,28 @@ def test_quick_eval_numbers(quick_results):
 
 
 @pytest.mark.eval
+def test_eval_cli_prints_its_bars_and_fails_on_one(quick_results, tmp_path, monkeypatch):
+    """``ufad eval --bars``: the pass / FAIL lines of report.md on the console too, and exit
+    status 1 when a bar fails (here: an OOD bar above what the detector reached)."""
+    from click.testing import CliRunner
+
+    import ufad.exporter.eval.evaluate as ev
+    from ufad.runtime.cli import main
+
+    _, res = quick_results
+    ood = res["setups"]["mnist_cnn"]["detectors"]["uniform"]["mean_auroc"]["OOD"]
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: res)
+    for limit, code in ((ood - 0.01, 0), (min(ood + 0.01, 1.0001), 1)):
+        bars = tmp_path / f"bars_{code}.json"
+        bars.write_text(json.dumps({"eval": {"detector": "uniform", "min_mean_auroc": {"OOD": limit}}}))
+        out = CliRunner().invoke(main, ["eval", "--setup", "mnist_cnn", "-o", str(tmp_path / "o"), "--bars", str(bars)])
+        assert out.exit_code == code, out.output
+        assert f"mean AUROC OOD {ood:.3f} {'>=' if code == 0 else '<'} {limit:g}: {'pass' if code == 0 else 'FAIL'}" \
+            in out.output, out.output
+        assert ("1 bar(s) of" in out.output) is (code == 1)
+
+
+@pytest.mark.eval
 def test_quick_eval_files_and_schema(quick_results):
     out, res = quick_results
     for f in ("report.md", "results.json", "roc_mnist_cnn.png", "hist_mnist_cnn.png",

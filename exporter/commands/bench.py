@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -43,7 +44,8 @@ def _batches(value: str) -> tuple[int, ...]:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the full result as JSON.")
 @click.option("--markdown", "md_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the tables as markdown.")
 @click.option("--bars", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Judge the result against the 'bench' bars of this file (the project's: tools/bars.json).")
+              help="Judge the result against the 'bench' bars of this file (the project's: tools/bars.json); "
+                   "exit status 1 when one fails.")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Keep the .onnx files here.")
 def bench_command(model_spec, data, batches, repeats, warmup, rounds, threads, limit, calib_limit, quick,
                   json_path, md_path, bars, workdir):
@@ -69,3 +71,7 @@ def bench_command(model_spec, data, batches, repeats, warmup, rounds, threads, l
         md_path.write_text(render_markdown(res) + "\n")
     if not res["agreement"]["ok"]:
         raise click.ClickException(f"(c) and (b) scores disagree: {res['agreement']}")
+    failed = [b["name"] for b in res.get("bars", []) if b["pass"] is False]
+    if failed:
+        click.echo(f"{len(failed)} bar(s) of {bars} failed: {', '.join(failed)} (exit status 1)", err=True)
+        sys.exit(1)

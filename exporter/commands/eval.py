@@ -23,7 +23,8 @@ import click
               help="'valid' builds disjoint validation anomaly sets (for tuning; never report them as test)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--bars", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="judge the uniform detector against the 'eval' bars of this file (the project's: tools/bars.json)")
+              help="judge the uniform detector against the 'eval' bars of this file (the project's: tools/bars.json); "
+                   "exit status 1 when one fails")
 @click.option("--adaptive", is_flag=True,
               help="also attack the uniform detector with an attacker who knows it (white-box PGD on the "
                    "torch reference, black-box Square on the .onnx): the robust-detection table")
@@ -57,7 +58,17 @@ def eval_command(setup, quick, out_dir, detectors, results_md, split, seed, bars
                        f"NS {m['NS'] or float('nan'):.3f}  overall {m['overall'] or float('nan'):.3f}")
         for det, e in r["errors"].items():
             click.echo(f"{name:15s} {det:12s} FAILED: {e}", err=True)
+    failed = 0
+    if spec is not None:
+        from ..eval.report import bar_lines
+
+        for r in res["setups"].values():
+            lines = bar_lines(r, spec)
+            click.echo("\n".join(line.replace("**", "") for line in lines if line))
+            failed += sum("**FAIL**" in line for line in lines)
     click.echo(f"wrote {out_dir / 'report.md'} and {out_dir / 'results.json'}"
                + (f" and {results_md}" if results_md else ""))
-    if any(r["errors"] for r in res["setups"].values()):
+    if failed:
+        click.echo(f"{failed} bar(s) of {bars} failed (exit status 1)", err=True)
+    if failed or any(r["errors"] for r in res["setups"].values()):
         sys.exit(1)

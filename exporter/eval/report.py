@@ -229,7 +229,7 @@ def _setup_md(r: dict[str, Any], image_prefix: str = "") -> list[str]:
     return L
 
 
-def _bars(r: dict[str, Any], spec: dict[str, Any]) -> list[str]:
+def bar_lines(r: dict[str, Any], spec: dict[str, Any]) -> list[str]:
     """Plain pass/fail lines for one detector against the bars of ``spec`` (the ``eval``
     section of a bars file, e.g. tools/bars.json)."""
     dets, name = r["detectors"], spec.get("detector", "uniform")
@@ -285,7 +285,7 @@ def render_markdown(results: dict[str, Any], image_prefix: str = "") -> str:
             for n, e in r["errors"].items():
                 L.append(f"| {n} | FAILED: {e} | | | | | |")
             if results.get("bars"):
-                L.extend(_bars(r, results["bars"]))
+                L.extend(bar_lines(r, results["bars"]))
             loud = [n for n, d in dets.items() if d.get("benign", {}).get("false_alarm_rate", 0) > 0.2]
             if loud:
                 L.append(f"\n**Benign control failed** (more than 20% of ID images + N(0, 0.05^2) noise flagged, "
