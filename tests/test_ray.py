@@ -385,3 +385,30 @@ def test_serve_refuses_bad_requests_with_the_runtimes_message(server):
     inspect = subprocess.run([*UFAD, "inspect", str(MODEL), "--json"], capture_output=True, text=True, timeout=60)
     assert meta == json.loads(inspect.stdout)
     assert _get(server + "/health")["graph_sha256"] == sess.metadata["ufad.graph_sha256"]
+
+
+def test_serve_stops_cleanly_on_sigterm():
+    """A container stop or a supervisor sends SIGTERM: ``ufad serve`` on its own local Ray
+    deletes its application and shuts Ray down (exit 0, "stopped"), as on Ctrl-C. Ray's native
+    handler, installed by ray.init, used to take the signal: a stack dump, then an abort (exit
+    134) 3 s into the cleanup, with Ray's agent processes left running."""
+    port = _free_port()
+    proc = subprocess.Popen([*UFAD, "serve", str(MODEL), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:            # up and serving (/health answers before Serve's run returns)
+        lines.append(line)
+        if line.startswith("serving "):
+            break
+    else:
+        pytest.fail("ufad serve did not come up: " + "".join(lines))
+    assert _get(f"http://127.0.0.1:{port}/health")["status"] == "ok"
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("ufad serve did not stop within 90 s of SIGTERM")
+    out = "".join(lines) + out
+    assert proc.returncode == 0, out
+    assert out.rstrip().endswith("stopped") and "SIGTERM received" not in out, out

@@ -41,8 +41,11 @@ def serve_command(model, replicas, port, host, address, replica_cpus, provider, 
                       verify_key=verify_key, range_check="off" if no_range_check else "error",
                       max_batch=max_batch)
     serve = import_ray("serve").serve
-    signal.signal(signal.SIGTERM, _interrupt)
     with connected(address, part="serve"):
+        # Only now: ray.init installs its own SIGTERM handlers (a native one that prints a stack
+        # dump and aborts 3 s later, in the middle of the cleanup below, leaving Ray's agent
+        # processes running; and a Python one that exits without it).
+        signal.signal(signal.SIGTERM, _interrupt)
         serve.start(proxy_location=proxy_location, http_options={"host": host, "port": port})
         serve.run(app, name=APP_NAME, route_prefix="/")
         click.echo(f"serving {model} with {replicas} replica{'s' * (replicas > 1)} at http://{host}:{port} "
