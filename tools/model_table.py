@@ -85,11 +85,11 @@ def zoo_rows(work: Path, repeats: int | None, rounds: int) -> list[dict]:
         path = work / f"{name}.onnx"
         det.export(path)
         sess = AnomalySession(path, provider="cpu")
-        s_id = sess.run(x_test).score
+        s_id, s_noise = sess.run(x_test).score, sess.run(noise)
         row = {"model": name, "family": "", "taps": [t for t in det.layers],
-               "auroc_noise": tz.auroc(s_id, sess.run(noise).score),
+               "auroc_noise": tz.auroc(s_id, s_noise.score),
                "auroc_ood": tz.auroc(s_id, sess.run(x_ood).score) if x_ood is not None else None,
-               "noise_flagged": float(sess.run(noise).is_anomaly.mean())}
+               "noise_flagged": float(s_noise.is_anomaly.mean())}
         bare = _bare(model, x.shape[1:], work / f"{name}_bare.onnx")
         row["size_bare_mb"], row["size_det_mb"] = bare.stat().st_size / 1e6, path.stat().st_size / 1e6
         tb, td = _time_pair(bare, path, x_test, repeats, work, rounds)

@@ -60,12 +60,15 @@ def eval_command(setup, quick, out_dir, detectors, results_md, split, seed, bars
             click.echo(f"{name:15s} {det:12s} FAILED: {e}", err=True)
     failed = 0
     if spec is not None:
-        from ..eval.report import bar_lines
+        from ..eval.report import bar_checks
 
         for r in res["setups"].values():
-            lines = bar_lines(r, spec)
-            click.echo("\n".join(line.replace("**", "") for line in lines if line))
-            failed += sum("**FAIL**" in line for line in lines)
+            checks = bar_checks(r, spec)
+            if checks:
+                click.echo(f"Bars for `{spec.get('detector', 'uniform')}` on {r['setup']}:")
+            for text, ok in checks:
+                click.echo(f"- {text}: {'pass' if ok else 'FAIL'}")
+            failed += sum(not ok for _, ok in checks)
     click.echo(f"wrote {out_dir / 'report.md'} and {out_dir / 'results.json'}"
                + (f" and {results_md}" if results_md else ""))
     if failed:

@@ -153,10 +153,10 @@ class BallLayerRegions(nn.Module):
         super().__init__()
         self.fmap, self.num_classes = fmap, len(regions)
         self.affine = Affine(fmap)
-        self.register_buffer("centers", torch.tensor(np.stack([r.center for r in regions]), dtype=torch.float32))
-        self.register_buffer("radius", torch.tensor([r.radius for r in regions], dtype=torch.float32))
         # float64 copies for UniformHead's fused graph (folded before the float32 cast).
         self._f64 = {"centers": np.stack([r.center for r in regions]), "radius": np.array([r.radius for r in regions])}
+        self.register_buffer("centers", torch.tensor(self._f64["centers"], dtype=torch.float32))
+        self.register_buffer("radius", torch.tensor(self._f64["radius"], dtype=torch.float32))
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         # The differences themselves, not ||h||^2 - 2 h.c + ||c||^2: near a centre that
@@ -252,8 +252,8 @@ class UniformHead(nn.Module):
     map). Ball regions share that concat: the predicted class's centres are one gathered row
     of a ``[C, sum D_l]`` constant (the radius and centre one ``[C, L]``), so the ball head is
     ~15 nodes for any number of layers. A score layer (``ScoreLayerRegions``) joins the fused
-    layers' columns as its value minus its centre. The per-layer region modules (``raw``) stay the unfused reference; both
-    give the same numbers up to float error.
+    layers' columns as its value minus its centre. The per-layer region modules (``raw``) stay
+    the unfused reference; both give the same numbers up to float error.
     """
 
     def __init__(self, regions: Sequence[nn.Module], scales: np.ndarray, centres: np.ndarray):

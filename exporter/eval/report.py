@@ -229,31 +229,38 @@ def _setup_md(r: dict[str, Any], image_prefix: str = "") -> list[str]:
     return L
 
 
-def bar_lines(r: dict[str, Any], spec: dict[str, Any]) -> list[str]:
-    """Plain pass/fail lines for one detector against the bars of ``spec`` (the ``eval``
-    section of a bars file, e.g. tools/bars.json)."""
+def bar_checks(r: dict[str, Any], spec: dict[str, Any]) -> list[tuple[str, bool]]:
+    """``(what was compared, passed)`` for one detector against each bar of ``spec`` (the
+    ``eval`` section of a bars file, e.g. tools/bars.json); empty when the detector is absent."""
     dets, name = r["detectors"], spec.get("detector", "uniform")
     if name not in dets:
         return []
     u = dets[name]
     m = u["mean_auroc"]
-    out = ["", f"Bars for `{name}` on {r['setup']}:"]
+    out = []
     for t, limit in spec.get("min_mean_auroc", {}).items():
         ok = (m.get(t) or 0) >= limit
-        out.append(f"- mean AUROC {t} {_f(m.get(t))} {'>=' if ok else '<'} {limit:g}: **{'pass' if ok else 'FAIL'}**")
+        out.append((f"mean AUROC {t} {_f(m.get(t))} {'>=' if ok else '<'} {limit:g}", ok))
     base = {n: d["mean_auroc"]["overall"] or 0 for n, d in dets.items() if n != name}
     if spec.get("beat_best_baseline") and base:
         best = max(base, key=base.get)
-        ok = (m["overall"] or 0) >= base[best]
-        out.append(f"- overall {_f(m['overall'], 4)} vs best baseline `{best}` {_f(base[best], 4)}: "
-                   f"**{'pass' if ok else 'FAIL'}**")
+        out.append((f"overall {_f(m['overall'], 4)} vs best baseline `{best}` {_f(base[best], 4)}",
+                    (m["overall"] or 0) >= base[best]))
     fa, margin = u.get("benign", {}).get("false_alarm_rate"), spec.get("benign_false_alarm_margin")
     if fa is not None and margin is not None:
         rej = 1.0 - u["id_accept_rate"]
-        ok = fa <= rej + margin
-        out.append(f"- benign false alarms {_pct(fa)} vs ID rejection {_pct(rej)} + {100 * margin:g} pp: "
-                   f"**{'pass' if ok else 'FAIL'}**")
+        out.append((f"benign false alarms {_pct(fa)} vs ID rejection {_pct(rej)} + {100 * margin:g} pp",
+                    fa <= rej + margin))
     return out
+
+
+def bar_lines(r: dict[str, Any], spec: dict[str, Any]) -> list[str]:
+    """Markdown pass/fail lines of ``bar_checks``."""
+    checks = bar_checks(r, spec)
+    if not checks:
+        return []
+    return ["", f"Bars for `{spec.get('detector', 'uniform')}` on {r['setup']}:"] + \
+        [f"- {text}: **{'pass' if ok else 'FAIL'}**" for text, ok in checks]
 
 
 def render_markdown(results: dict[str, Any], image_prefix: str = "") -> str:
