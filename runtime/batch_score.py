@@ -53,7 +53,7 @@ def _checked(seg: Segment, raw: np.ndarray, sess: AnomalySession, range_check: s
     except InputError as e:  # shapes and dtypes were checked when planning: a range refusal
         if len(idx) == 1:
             errors.append(error_rows(seg.file_id, idx, e.raw, n_layers))
-            return np.zeros((0, *spec.shape[1:]), np.float32), idx[:0]
+            return np.zeros((0, *spec.shape[1:]), spec.dtype), idx[:0]
     keep, good = [], []
     for j, i in enumerate(idx):  # find the refused inputs; the others are scored
         try:
@@ -62,7 +62,7 @@ def _checked(seg: Segment, raw: np.ndarray, sess: AnomalySession, range_check: s
         except InputError as e:
             errors.append(error_rows(seg.file_id, [i], f"input {i}: {e.raw}", n_layers))
     if not keep:
-        return np.zeros((0, *spec.shape[1:]), np.float32), idx[:0]
+        return np.zeros((0, *spec.shape[1:]), spec.dtype), idx[:0]
     return np.concatenate(keep), np.asarray(good, np.int64)
 
 

@@ -54,6 +54,9 @@ REQUIRED_KEYS_V2 = REQUIRED_KEYS + (KEY_CONTENT_SHA256,)
 #: "refuse" (images: almost always a scaling mistake, refused with a hint) or "flag" (feature
 #: vectors: scored, and flagged anomalous by the graph itself; never refused, never accepted)
 RANGE_POLICIES = ("refuse", "flag")
+#: the input dtypes a file may declare: float32 (images, features, signals) and int64 (token or
+#: category ids, e.g. a text transformer's input; their range is the ids seen at fit)
+INPUT_DTYPES = ("float32", "int64")
 
 
 def activation_output_name(layer: str) -> str:
@@ -80,6 +83,11 @@ class InputSpec:
     dtype: str
     value_range: tuple[float, float] | None
     range_policy: str = "refuse"
+
+    @property
+    def is_index(self) -> bool:
+        """Integer ids (``int64``), not real values: no NaN, and the range is exact."""
+        return self.dtype == "int64"
 
     @property
     def sample_shape(self) -> tuple[int | None, ...]:
@@ -205,6 +213,9 @@ def parse_metadata(meta: dict[str, str], path: str = "<model>") -> FormatInfo:
         policy = str(inp.get("range_policy", "refuse"))
         if policy not in RANGE_POLICIES:
             raise ValueError(f"range_policy {policy!r} is not one of {RANGE_POLICIES}")
+        if str(inp["dtype"]) not in INPUT_DTYPES:
+            raise ValueError(f"input dtype {inp['dtype']!r} is not one of {INPUT_DTYPES} "
+                             "(a newer ufad wrote it? upgrade ufad)")
         spec = InputSpec(
             name=str(inp["name"]),
             shape=tuple(None if d is None else int(d) for d in inp["shape"]),

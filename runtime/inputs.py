@@ -3,7 +3,9 @@
 Rules (documented in README "Errors and limits"):
 - dtype: float32 is used as is; float16/float64 are cast to float32; uint8 is read as an
   8-bit image and divided by 255 when the model's recorded input range lies in [0, 1];
-  any other dtype (ints, bool, complex, strings, objects) is refused.
+  any other dtype (ints, bool, complex, strings, objects) is refused. A file whose input is
+  ``int64`` (token or category ids) takes integer arrays of any width, cast to int64, and
+  refuses floats and bools.
 - shape: ``[B, *sample]`` as recorded; a single sample ``sample`` gets a batch axis; for
   one-channel models ``[B, H, W]`` gets the channel axis. Anything else is refused.
 - values: NaN/Inf are allowed and always reported anomalous (score = +inf, is_anomaly true
@@ -13,6 +15,9 @@ Rules (documented in README "Errors and limits"):
   (feature vectors) scores them, and the graph flags them anomalous (``out_of_range``). The
   check reads the values before the float32 cast, so a float64 1e300 is refused, not turned
   into inf (with ``range_check="off"`` it becomes inf and is scored as a non-finite input).
+- ids (``int64`` inputs): the recorded range is the ids seen at fit, exactly; an id outside
+  it is out of range (``flag``, the default for ids: scored with the id clamped into the
+  range, and flagged anomalous, so a client never feeds an embedding an index it lacks).
 - memory layout: non-contiguous arrays are copied to C order.
 """
 
@@ -34,15 +39,18 @@ RANGE_CHECKS = ("error", "off")
 def _describe(spec: InputSpec) -> str:
     dims = ", ".join("B" if d is None else str(d) for d in spec.shape)
     rng = f" with values in [{spec.value_range[0]:g}, {spec.value_range[1]:g}]" if spec.value_range else ""
-    return f"float32 [{dims}]{rng}"
+    return f"{spec.dtype} [{dims}]{rng}"
 
 
 def range_limits(spec: InputSpec) -> tuple[float, float] | None:
     """The values beyond which an input counts as far outside the recorded range:
-    one range-width below its minimum and above its maximum (None: no range recorded)."""
+    one range-width below its minimum and above its maximum; for ids, the range itself
+    (None: no range recorded)."""
     if not spec.value_range:
         return None
     lo, hi = spec.value_range
+    if spec.is_index:
+        return lo, hi
     width = max(hi - lo, 1e-6)
     return lo - width, hi + width
 
@@ -71,7 +79,7 @@ def batch_checker(spec: InputSpec, range_check: str = "error") -> Callable[[Any]
     whose values lie within the range limits) reads only locals and two reductions."""
     if range_check not in RANGE_CHECKS:
         raise InputError(f"range_check must be one of {RANGE_CHECKS}, got {range_check!r}")
-    ndim, sample, f32 = len(spec.shape), spec.sample_shape, np.dtype(np.float32)
+    ndim, sample, f32 = len(spec.shape), spec.sample_shape, np.dtype(spec.dtype)
     limits = range_limits(spec) if range_check == "error" else None
     low, high = limits or (0.0, 0.0)
 
@@ -95,6 +103,8 @@ def _convert(x: Any, spec: InputSpec, range_check: str) -> tuple[np.ndarray, boo
         raise InputError(f"input cannot be read as an array ({e}); expected {expected}") from None
     kind = arr.dtype.kind
     sample = tuple(spec.shape[1:])
+    if spec.is_index:
+        return _convert_ids(arr, spec, range_check, expected)
     src = arr  # the range check reads the values before a float64 -> float32 cast can overflow
     if kind == "f":
         with np.errstate(over="ignore"):
@@ -124,6 +134,24 @@ def _convert(x: Any, spec: InputSpec, range_check: str) -> tuple[np.ndarray, boo
     return np.ascontiguousarray(arr), finite
 
 
+def _convert_ids(arr: np.ndarray, spec: InputSpec, range_check: str, expected: str) -> tuple[np.ndarray, bool | None]:
+    """Integer ids of any width as int64; floats are refused, not rounded: 3.7 is no id."""
+    if arr.dtype.kind not in "iu":
+        raise InputError(
+            f"got {arr.dtype} data but this model reads integer ids; expected {expected}. "
+            "Pass the token / category ids as an integer array (x.astype(np.int64))."
+        )
+    sample = tuple(spec.shape[1:])
+    if arr.shape == sample:
+        arr = arr[None]
+    if arr.ndim != len(spec.shape) or tuple(arr.shape[1:]) != sample:
+        raise InputError(f"input has shape {tuple(arr.shape)}, expected {expected}")
+    if arr.dtype == np.uint64 and arr.size and arr.max() > np.iinfo(np.int64).max:
+        arr = np.minimum(arr, np.iinfo(np.int64).max)   # beyond any range: still out of range after the cast
+    ids = np.ascontiguousarray(arr, dtype=np.int64)
+    return ids, _check_range(ids, spec, range_check)
+
+
 def _check_range(vals: np.ndarray, spec: InputSpec, range_check: str) -> bool | None:
     """Refuse values far outside the recorded range when the file's policy is ``refuse``
     (``vals`` are the values before any float32 cast); return whether all of them are
@@ -139,6 +167,12 @@ def _check_range(vals: np.ndarray, spec: InputSpec, range_check: str) -> bool | 
         amin = float(vals.min()) if vals.size else lo
         amax = float(vals.max()) if vals.size else hi
     low, high = range_limits(spec)
+    if spec.range_policy == "refuse" and (amin < low or amax > high) and spec.is_index:
+        raise InputError(
+            f"input ids span [{amin:g}, {amax:g}], beyond the ids seen at fit [{lo:g}, {hi:g}]. "
+            f"Map unknown ids to a known one, or pass {opt('range_check', 'off')} to score them "
+            "anyway (the graph clamps them into the range)."
+        )
     if spec.range_policy == "refuse" and (amin < low or amax > high):
         hint = " (looks like 0..255 pixels: divide by 255)" if 2 < amax <= 256 and hi <= 1.0 + 1e-6 else ""
         raise InputError(

@@ -113,7 +113,7 @@ def score_dataset(model: str | Path, sources: str | Path | Sequence[str | Path],
     digests = {k: sess.metadata.get(k) for k in DIGESTS}
     spec, classes, layers = sess.input_spec, sess.classes, sess.layer_names
     thr = sess.threshold if threshold is None else float(threshold)
-    sess.run(np.zeros((0, *spec.shape[1:]), np.float32), threshold=threshold)  # validates threshold
+    sess.run(np.zeros((0, *spec.shape[1:]), spec.dtype), threshold=threshold)  # validates threshold
     files = source_files(sources, spec, column)
     items = plan_items(files, batch_size)
     total = sum(f.count if not f.error else 1 for f in files)

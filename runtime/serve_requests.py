@@ -78,7 +78,7 @@ def _npy(data: bytes) -> np.ndarray:
 
 
 def parse_score_request(body: bytes, spec: InputSpec, range_check: str = "error") -> tuple[np.ndarray, float | None]:
-    """The checked float32 batch and threshold of a POST /score body (InputError if bad)."""
+    """The checked batch (float32, or int64 ids) and threshold of a POST /score body (InputError if bad)."""
     if len(body) > MAX_BODY_BYTES:
         raise TooLarge(f"request body is {len(body)} bytes, over the {MAX_BODY_BYTES} byte limit; send fewer inputs")
     try:
@@ -100,8 +100,8 @@ def parse_score_request(body: bytes, spec: InputSpec, range_check: str = "error"
             arr = np.asarray(raw)
         except ValueError as e:  # ragged lists
             raise InputError(f'"inputs" cannot be read as an array ({e})') from None
-        if arr.dtype.kind in "iu":
-            arr = arr.astype(np.float64)  # JSON numbers are values, never 8-bit pixels
+        if arr.dtype.kind in "iu" and not spec.is_index:
+            arr = arr.astype(np.float64)  # JSON numbers are values, never 8-bit pixels (ids stay ids)
     else:
         if not isinstance(req["npy_b64"], str):
             raise InputError('"npy_b64" must be a base64 string')

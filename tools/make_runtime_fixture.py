@@ -8,6 +8,9 @@
 - ``tabular_small.onnx``: the uniform detector of an MLP trained on standardised
   breast-cancer features (scikit-learn's bundled data): a feature-vector model, range
   policy "flag".
+- ``tokens_small.onnx``: the uniform detector of a model that reads integer ids (an
+  embedding, then an MLP) trained on scikit-learn's digits read as 64 tokens (pixel counts
+  0..16): an int64-input file; ``tokens.npy``: 100 held-out digits as ids.
 - ``digits.npy`` / ``digit_labels.npy``: the first 256 MNIST test digits and their labels,
   ``fashion.npy``: 64 Fashion-MNIST test items, ``tabular.npy``: 100 held-out breast-cancer
   rows, so the runtime tier needs no dataset package.
@@ -74,14 +77,54 @@ def tabular_small(out: Path) -> None:
     np.save(out / "tabular.npy", x[469:])
 
 
+class TokenMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(17, 4)
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64 * 4, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU())
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(self.embed(ids)))
+
+
+def tokens_small(out: Path) -> None:
+    from sklearn.datasets import load_digits
+
+    from ufad.exporter import UniformDetector
+
+    x, y = load_digits(return_X_y=True)
+    perm = np.random.default_rng(0).permutation(len(x))
+    x, y = x[perm].astype(np.int64), y[perm]
+    torch.manual_seed(0)
+    model = TokenMLP()
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    xt, yt = torch.tensor(x[:1200]), torch.tensor(y[:1200])
+    for _ in range(20):
+        for i in range(0, 1200, 64):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xt[i:i + 64]), yt[i:i + 64]).backward()
+            opt.step()
+    model.eval()
+    det = UniformDetector(model, max_points=60, progress=False)
+    det.fit(x[:1200], y[:1200]).calibrate(x[1200:1600], source="digits held-out rows (400)")
+    det.export(out / "tokens_small.onnx", check_inputs=x[1200:1392])
+    np.save(out / "tokens.npy", x[1600:1700])
+
+
+FIXTURES = {"mnist_small": mnist_small, "tabular_small": tabular_small, "tokens_small": tokens_small}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--only", choices=sorted(FIXTURES), action="append",
+                    help="build only this fixture (repeatable); default: all")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
-    mnist_small(args.out)
-    tabular_small(args.out)
+    for name in args.only or FIXTURES:
+        FIXTURES[name](args.out)
     for p in sorted(args.out.iterdir()):
         print(f"{p} {p.stat().st_size / 1e6:.2f} MB")
 

@@ -261,7 +261,7 @@
   function describeSpec(spec) {
     const dims = spec.shape.map((d) => (d === null ? 'B' : String(d))).join(', ');
     const rng = spec.range ? ` with values in [${spec.range[0]}, ${spec.range[1]}]` : '';
-    return `float32 [${dims}]${rng}`;
+    return `${spec.dtype} [${dims}]${rng}`;
   }
 
   /**
@@ -275,6 +275,12 @@
    */
   function asBatch(data, shape, dtype, spec, rangeCheck = true) {
     const expected = describeSpec(spec);
+    if (spec.dtype !== 'float32') {
+      // int64 inputs are token / category ids (FORMAT.md); this client builds float32 tensors only
+      throw new UfadError(`this detector reads ${expected} (integer ids); this client scores float32-input `
+        + 'detectors only. Score it with the Python runtime (ufad score), or build an int64 tensor '
+        + '(BigInt64Array) of the ids yourself.');
+    }
     let arr;
     if (dtype === 'float32') arr = data instanceof Float32Array ? data : Float32Array.from(data);
     else if (dtype === 'float64' || dtype === 'float16') arr = Float32Array.from(data);
