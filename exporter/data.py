@@ -26,10 +26,26 @@ def progress(iterable, total: int | None, desc: str, enabled: bool):
     return tqdm(iterable, total=total, desc=desc, unit="batch", leave=False)
 
 
+INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def as_input(x: ArrayLike) -> torch.Tensor:
+    """A batch as the model receives it: signed integers are ids (token / category indices)
+    and become int64; anything else becomes float32 (uint8 included: pixel values, as before)."""
+    t = torch.as_tensor(np.asarray(x) if isinstance(x, np.ndarray) else x)
+    return t.long() if t.dtype in INDEX_DTYPES else t.float()
+
+
+def input_array(x: ArrayLike) -> np.ndarray:
+    """``as_input`` for numpy: int64 ids or float32 values."""
+    return as_input(x).numpy()
+
+
 def iter_batches(
     data: Data, labels: ArrayLike | None, batch_size: int
 ) -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor | None]], int | None]:
-    """Batches of ``(x float32 tensor, y int64 tensor or None)`` and their count if known.
+    """Batches of ``(x, y int64 tensor or None)`` and their count if known; ``x`` is float32,
+    or int64 for integer ids (``as_input``).
 
     ``data`` is an array/tensor (with optional ``labels`` of the same length) or an
     iterable (e.g. a DataLoader) yielding ``x`` or ``(x, y, ...)``.
@@ -45,7 +61,7 @@ def iter_batches(
 
         def gen():
             for i in range(0, n, batch_size):
-                yield x_all[i:i + batch_size].float(), None if y_all is None else y_all[i:i + batch_size]
+                yield as_input(x_all[i:i + batch_size]), None if y_all is None else y_all[i:i + batch_size]
 
         return gen(), math.ceil(n / batch_size)
     if labels is not None:
@@ -57,7 +73,7 @@ def iter_batches(
                 x, y = item[0], (item[1] if len(item) > 1 else None)
             else:
                 x, y = item, None
-            x = torch.as_tensor(x).float()
+            x = as_input(x)
             y = None if y is None else torch.as_tensor(y).long()
             if y is not None and len(y) != len(x):
                 raise ExportError(f"a batch has {len(x)} inputs but {len(y)} labels.")
@@ -137,7 +153,7 @@ def load_data(data: str, split: str, limit: int | None) -> tuple[np.ndarray, np.
             with np.load(p, allow_pickle=False) as z:
                 if "x" not in z.files or "y" not in z.files:
                     raise InputError(f"{p}: expected arrays 'x' and 'y', found {z.files}")
-                x, y = z["x"].astype(np.float32), z["y"]
+                x, y = input_array(z["x"]), z["y"]
         except (ValueError, OSError) as e:
             raise InputError(f"{p}: unreadable .npz ({e})") from None
         y = check_labels(y, len(x))   # before any split or cast could hide a mismatch

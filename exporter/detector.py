@@ -24,7 +24,7 @@ from ufad.runtime.errors import ExportError, opt
 from ufad.runtime.inputs import range_limits
 
 from .auto_layers import default_layers
-from .data import ArrayLike, Data, Rows, check_labels, check_tpr, iter_batches, progress
+from .data import ArrayLike, Data, Rows, check_labels, check_tpr, input_array, iter_batches, progress
 from .onnx_export import PARITY_RTOL
 from .outputs import LogitsKey, parse_key, pick_logits
 from .registry import Option, register
@@ -40,12 +40,16 @@ class DetectorModule(nn.Module):
     forward(x, threshold) -> (logits, pred, score, is_anomaly, layer_scores, *activations)
 
     ``flag_limits`` (range policy "flag"): samples with a value below / above them score +inf
-    and are anomalous, so every client of the file applies the rule.
+    and are anomalous, so every client of the file applies the rule. ``id_range`` (integer
+    inputs): ids are clamped into it before the model, so no client can feed an embedding an
+    index it lacks (ONNX Gather fails on one); with ``flag_limits`` such rows are flagged.
     """
 
     def __init__(self, model: nn.Module, taps: Sequence[Tap], head: nn.Module,
-                 logits: LogitsKey = None, flag_limits: tuple[float, float] | None = None):
+                 logits: LogitsKey = None, flag_limits: tuple[float, float] | None = None,
+                 id_range: tuple[int, int] | None = None):
         super().__init__()
+        self.id_range = id_range
         self.model = model
         self.head = head
         self.logits_key = logits
@@ -54,6 +58,9 @@ class DetectorModule(nn.Module):
 
     def forward(self, x: torch.Tensor, threshold: torch.Tensor):
         self.capture.clear()
+        raw = x
+        if self.id_range is not None:
+            x = x.clamp(*self.id_range)
         logits = pick_logits(self.model(x), self.logits_key)
         feats = self.capture.collect(logits) if self.capture.layers else []
         pred = logits.argmax(dim=1)
@@ -64,11 +71,15 @@ class DetectorModule(nn.Module):
         # score on good rows and is NaN exactly on bad ones: comparing `probe` instead of
         # the score flags bad rows even when the caller feeds threshold = +inf (NaN <= t is
         # false). 6 cheap graph nodes instead of 10 (isfinite/all/or).
-        probe = (x * 0.0).sum(dim=tuple(range(1, x.dim()))) + score
-        score = score.masked_fill(torch.isnan(probe), float("inf"))
+        if x.is_floating_point():
+            probe = (x * 0.0).sum(dim=tuple(range(1, x.dim()))) + score
+            score = score.masked_fill(torch.isnan(probe), float("inf"))
+        else:   # ids hold no NaN; only the score can be NaN
+            probe = score
+            score = score.masked_fill(torch.isnan(score), float("inf"))
         is_anomaly = torch.logical_not(probe <= threshold)
         if self.flag_limits is not None:
-            flat = x.flatten(1)
+            flat = raw.flatten(1)
             oor = ((flat < self.flag_limits[0]) | (flat > self.flag_limits[1])).any(dim=1)
             score = score.masked_fill(oor, float("inf"))
             is_anomaly = is_anomaly | oor
@@ -165,6 +176,7 @@ class Detector:
         self.check_sample: np.ndarray | None = None
         self.input_shape: tuple[int, ...] | None = None
         self.input_range: tuple[float, float] | None = None
+        self.input_dtype = "float32"   # "int64" when the data are integer ids (data.as_input)
         self.num_classes: int | None = None
         self.dims: list[int] = []
         self._fitted = False
@@ -179,6 +191,7 @@ class Detector:
 
     def _prepare(self, first: torch.Tensor) -> None:
         self.input_shape = tuple(first.shape[1:])
+        self.input_dtype = "float32" if first.is_floating_point() else "int64"
         if self.uses_layers and self.layers is None:
             self.layers = self.automatic_layers(first)
         if not self.uses_layers:
@@ -243,8 +256,10 @@ class Detector:
         self._fit(self._stream(data, labels, f"fit {self.method}"))
         self.input_range = getattr(self, "_seen_range", None)
         if self.range_policy == "auto":
-            # Images: far-out values are a scaling mistake to refuse; feature vectors: an anomaly.
-            self.range_policy = "refuse" if len(self.input_shape) == 3 else "flag"
+            # Images: far-out values are a scaling mistake to refuse; feature vectors and
+            # ids never seen at fit: an anomaly.
+            self.range_policy = ("refuse" if len(self.input_shape) == 3 and self.input_dtype == "float32"
+                                 else "flag")
         if self.class_names is None:
             self.class_names = [str(i) for i in range(self.num_classes)]
         elif len(self.class_names) != self.num_classes:
@@ -283,13 +298,14 @@ class Detector:
     def module(self) -> DetectorModule:
         """The export module (model + capture hooks + head). Call ``.capture.remove()`` when done."""
         self._require_fitted()
-        return DetectorModule(self.model, self.taps, self.head(), self.logits,
-                              self._flag_limits()).eval()
+        ids = self.input_range if self.input_dtype == "int64" else None
+        return DetectorModule(self.model, self.taps, self.head(), self.logits, self._flag_limits(),
+                              None if ids is None else (int(ids[0]), int(ids[1]))).eval()
 
     def input_spec(self) -> fmt.InputSpec:
         """The input spec recorded in the file (shape, dtype, value range, range policy)."""
         self._require_fitted()
-        return fmt.InputSpec(name="input", shape=(None, *self.input_shape), dtype="float32",
+        return fmt.InputSpec(name="input", shape=(None, *self.input_shape), dtype=self.input_dtype,
                              value_range=self.input_range, range_policy=self.range_policy)
 
     def _flag_limits(self) -> tuple[float, float] | None:
@@ -334,7 +350,7 @@ class Detector:
         check_tpr(tpr)
         scores = self.score(data, threshold=math.inf)[fmt.OUT_SCORE].astype(np.float64)
         if isinstance(data, (np.ndarray, torch.Tensor)):
-            self.check_sample = np.asarray(data[:192], np.float32)
+            self.check_sample = input_array(data[:192])
         finite = scores[np.isfinite(scores)]
         if len(finite) < 20:
             raise ExportError(f"calibration needs at least 20 ID samples with finite scores, got {len(finite)}")

@@ -26,7 +26,7 @@ from ufad.runtime import integrity
 from ufad.runtime.files import write_atomically
 from ufad.runtime.errors import ExportError, opt
 
-from .data import Rows
+from .data import Rows, as_input, input_array
 
 PARITY_RTOL = 1e-4
 NOISE_FACTOR = 10   # tolerance on the noise check inputs, relative to PARITY_RTOL
@@ -65,6 +65,8 @@ def _versions() -> dict[str, str]:
 def _default_check_inputs(det, n: int = 64) -> np.ndarray:
     rng = np.random.default_rng(det.seed)
     lo, hi = det.input_range or (0.0, 1.0)
+    if det.input_dtype == "int64":   # random ids over the ids seen at fit
+        return rng.integers(int(lo), int(hi), size=(n, *det.input_shape), endpoint=True, dtype=np.int64)
     return rng.uniform(lo, hi, size=(n, *det.input_shape)).astype(np.float32)
 
 
@@ -344,12 +346,15 @@ def export_detector(det, path: Path, *, example=None, simplify: bool = False,
         raise ExportError(f"{opt('parity_rtol')} must be > 0, got {parity_rtol}")
     id_x = check_inputs if check_inputs is not None else det.check_sample
     noise = _default_check_inputs(det, N_NOISE_CHECK)
-    id_x = noise if id_x is None else np.asarray(id_x, np.float32)
+    id_x = noise if id_x is None else input_array(id_x)
+    if id_x.dtype != noise.dtype:
+        raise ExportError(f"the parity check's inputs are {id_x.dtype} but the detector was fitted on "
+                          f"{noise.dtype} data; pass check inputs of the fitting data's type.")
     check_x = np.ascontiguousarray(np.concatenate([id_x, noise]))
     n_id = len(id_x)
     if example is None:
         example = check_x[:2] if len(check_x) >= 2 else np.repeat(check_x, 2, axis=0)
-    example = torch.as_tensor(np.asarray(example, np.float32))
+    example = as_input(example)
     reference = det.score(check_x)
     names = det.output_names()
     module = det.module()

@@ -33,6 +33,7 @@ The same hooks run eagerly (fitting, the torch reference) and under ``torch.onnx
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -165,10 +166,18 @@ def run_model(model: nn.Module, x: torch.Tensor) -> Any:
         raise
     except Exception as e:
         msg = str(e).strip().splitlines()
+        first = msg[0][:300] if msg else ""
+        dtype = "float32" if x.is_floating_point() else "int64"
+        hint = ""
+        if re.search(r"dtype|scalar type|Long|Float|Int\b|Double", first):   # a type mismatch, not a shape one
+            hint = (" Integer data are passed to the model as int64 ids; if it reads values, pass "
+                    "floats (x.astype(np.float32))." if dtype == "int64" else
+                    " A model with an embedding reads integer ids: pass them as an integer array "
+                    "(x.astype(np.int64)), not floats.")
         raise ExportError(
-            f"the model fails on data of shape (N, {', '.join(map(str, x.shape[1:]))}) "
-            f"({type(e).__name__}: {msg[0][:300] if msg else ''}); pass data shaped like the "
-            "model's training input, [N, C, H, W] for a CNN."
+            f"the model fails on data of shape (N, {', '.join(map(str, x.shape[1:]))}) and dtype {dtype} "
+            f"({type(e).__name__}: {first}); pass data shaped like the "
+            f"model's training input, [N, C, H, W] for a CNN.{hint}"
         ) from e
 
 

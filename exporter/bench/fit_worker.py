@@ -39,8 +39,10 @@ def main(cfg_path: str) -> None:
     t2 = time.perf_counter()
     det.calibrate(xc, source=f"{cfg['data']} valid")
     t3 = time.perf_counter()
-    check = np.concatenate([xc[:192], np.random.default_rng(cfg["seed"]).uniform(
-        float(x.min()), float(x.max()), size=(64, *x.shape[1:])).astype(np.float32)])
+    rng = np.random.default_rng(cfg["seed"])
+    noise = (rng.integers(int(x.min()), int(x.max()), size=(64, *x.shape[1:]), endpoint=True)
+             if x.dtype.kind == "i" else rng.uniform(float(x.min()), float(x.max()), size=(64, *x.shape[1:])))
+    check = np.concatenate([xc[:192], noise.astype(x.dtype)])
     rep = det.export(out / "detector.onnx", check_inputs=check)
     t4 = time.perf_counter()
     cpu = time.process_time() - c0

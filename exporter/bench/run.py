@@ -99,8 +99,10 @@ def runtime_without_torch(detector: Path, x256: np.ndarray, threads: int, runs: 
                           tmp: Path) -> dict[str, Any]:
     """Import + session creation time and RSS after scoring 256 inputs, in fresh processes
     where ``import torch`` raises ImportError (``runtime_worker``); medians over ``runs``."""
+    from ..data import input_array
+
     xpath = tmp / "x256.npy"
-    np.save(xpath, np.ascontiguousarray(x256, np.float32))
+    np.save(xpath, np.ascontiguousarray(input_array(x256)))
     rows = []
     for _ in range(max(1, runs)):
         t0 = time.perf_counter()
@@ -145,10 +147,10 @@ def time_bare_and_ufad(bare: Path, detector: Path, xs: dict[int, np.ndarray], cf
 
 def _bench_data(cfg: BenchConfig, n: int) -> np.ndarray:
     """Timed inputs: the test split of a built-in dataset, or the first rows of an .npz."""
-    from ..data import load_data
+    from ..data import input_array, load_data
 
     x, _, _ = load_data(cfg.data, "test", n)
-    return np.ascontiguousarray(x[:n], np.float32)
+    return np.ascontiguousarray(input_array(x[:n]))
 
 
 def _time_cuda(bare: Path, detector: Path, xs: dict[int, np.ndarray], cfg: BenchConfig) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from ufad.runtime.errors import ExportError, InputError, opt
 from ufad.runtime.files import check_output_path
 
 from .. import registry
-from ..data import calibration_split, load_data
+from ..data import calibration_split, input_array, load_data
 from ..onnx_export import PARITY_RTOL
 
 
@@ -23,7 +23,7 @@ def _check_inputs(path: str, sample_shape: tuple[int, ...]) -> np.ndarray:
 
     spec = InputSpec("input", (None, *sample_shape), "float32", None)
     arrays, _ = load_inputs([path], spec)
-    x = np.asarray(arrays[0], np.float32)
+    x = input_array(arrays[0])
     if x.shape[1:] != tuple(sample_shape):
         raise InputError(f"--check-data {path}: inputs of shape {x.shape[1:]}, the data has {tuple(sample_shape)}")
     return x[:512]

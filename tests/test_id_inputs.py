@@ -1,0 +1,158 @@
+"""Models that read integer ids (token / category indices through an embedding): the data
+stay int64 from fit to file to runtime, the file says so, and ids the detector never saw are
+flagged, not fed to an embedding that lacks them. Real data: scikit-learn's digits read as
+64 tokens (each a block's pixel count, 0..16)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from ufad.exporter import UniformDetector
+from ufad.runtime import AnomalySession
+from ufad.runtime.cli import main
+from ufad.runtime.errors import ExportError, InputError
+from ufad.runtime.serve_requests import parse_score_request
+
+
+class TokenMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(17, 8)
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64 * 8, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU())
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(self.embed(ids)))
+
+
+@pytest.fixture(scope="module")
+def digits_ids():
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    perm = np.random.default_rng(0).permutation(len(x))
+    return x[perm].astype(np.int64), y[perm]
+
+
+@pytest.fixture(scope="module")
+def id_model(digits_ids):
+    x, y = digits_ids
+    torch.manual_seed(0)
+    model = TokenMLP()
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    xt, yt = torch.from_numpy(x[:1200]), torch.from_numpy(y[:1200])
+    for _ in range(15):
+        for i in range(0, 1200, 64):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xt[i:i + 64]), yt[i:i + 64]).backward()
+            opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def id_file(tmp_path_factory, id_model, digits_ids):
+    x, y = digits_ids
+    det = UniformDetector(id_model, progress=False).fit(x[:1200], y[:1200]).calibrate(x[1200:1500])
+    path = tmp_path_factory.mktemp("ids") / "ids.onnx"
+    det.export(path)
+    return det, path
+
+
+def test_ids_stay_integers_from_fit_to_runtime(id_file, digits_ids):
+    det, path = id_file
+    x, y = digits_ids
+    sess = AnomalySession(path, provider="cpu")
+    spec = sess.input_spec
+    assert (spec.dtype, spec.value_range, spec.range_policy) == ("int64", (0.0, 16.0), "flag")
+    res = sess.run(x[1500:])
+    assert np.mean(res.pred == y[1500:]) >= 0.9           # the model learnt
+    assert res.is_anomaly.mean() <= 0.15                  # calibrated at 95% of held-out ID
+    ref = det.score(x[1500:])
+    np.testing.assert_allclose(res.score, ref["score"], rtol=1e-4, atol=1e-4)
+    noise = sess.run(np.random.default_rng(1).integers(0, 17, (300, 64)))
+    assert noise.is_anomaly.mean() >= 0.9                 # random tokens are not digits
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32, np.uint8, np.uint16])
+def test_any_integer_width_is_read_as_the_same_ids(id_file, digits_ids, dtype):
+    sess = AnomalySession(id_file[1], provider="cpu")
+    x = digits_ids[0][1500:1540]
+    np.testing.assert_array_equal(sess.run(x.astype(dtype)).score, sess.run(x).score)
+
+
+@pytest.mark.parametrize("bad", [np.float32, np.float64, bool])
+def test_floats_and_bools_are_refused_with_what_to_pass(id_file, digits_ids, bad):
+    sess = AnomalySession(id_file[1], provider="cpu")
+    with pytest.raises(InputError, match=r"reads integer ids.*int64 \[B, 64\].*astype\(np.int64\)"):
+        sess.run(digits_ids[0][:4].astype(bad))
+
+
+def test_unseen_ids_are_flagged_and_never_reach_the_embedding(id_file, digits_ids):
+    sess = AnomalySession(id_file[1], provider="cpu")
+    x = digits_ids[0][1500:1506].copy()
+    clean = sess.run(x)
+    x[1, 5], x[3, 0], x[4, 63] = 17, -1, 10 ** 12          # the embedding has rows 0..16 only
+    res = sess.run(x)
+    assert res.out_of_range.tolist() == [False, True, False, True, True, False]
+    assert np.isinf(res.score[[1, 3, 4]]).all() and res.is_anomaly[[1, 3, 4]].all()
+    np.testing.assert_array_equal(res.score[[0, 2, 5]], clean.score[[0, 2, 5]])
+    # a client that skips the Python checks still gets a verdict, not an onnxruntime error
+    raw = sess._sess.run(["score", "is_anomaly"], {"input": x})
+    assert np.isinf(raw[0][[1, 3, 4]]).all() and raw[1][[1, 3, 4]].all()
+
+
+def test_refuse_policy_names_the_ids(tmp_path, id_model, digits_ids):
+    x, y = digits_ids
+    det = UniformDetector(id_model, progress=False, range_policy="refuse").fit(x[:1200], y[:1200])
+    det.calibrate(x[1200:1500]).export(tmp_path / "refuse.onnx")
+    sess = AnomalySession(tmp_path / "refuse.onnx", provider="cpu")
+    bad = x[1500:1502].copy()
+    bad[0, 0] = 40
+    with pytest.raises(InputError, match=r"ids span \[0, 40\], beyond the ids seen at fit \[0, 16\]"):
+        sess.run(bad)
+    scored = AnomalySession(tmp_path / "refuse.onnx", provider="cpu", range_check="off").run(bad)
+    assert np.isfinite(scored.score).all()                # clamped into the range, scored
+
+
+def test_a_dtype_mismatch_says_which_dtype_to_pass(id_model, digits_ids):
+    x, y = digits_ids
+    with pytest.raises(ExportError, match=r"dtype float32.*embedding reads integer ids.*astype\(np.int64\)"):
+        UniformDetector(id_model, progress=False).fit(x[:300].astype(np.float32), y[:300])
+    mlp = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    with pytest.raises(ExportError, match=r"dtype int64.*pass floats \(x.astype\(np.float32\)\)"):
+        UniformDetector(mlp, progress=False).fit(x[:300], y[:300])
+
+
+def test_cli_exports_and_scores_ids(tmp_path, id_model, digits_ids, monkeypatch):
+    from safetensors.torch import save_file
+
+    x, y = digits_ids
+    (tmp_path / "idmodel.py").write_text(
+        "import sys\nsys.path.insert(0, %r)\nfrom test_id_inputs import TokenMLP\n\n"
+        "def build():\n    return TokenMLP()\n" % str(__import__("pathlib").Path(__file__).parent))
+    save_file(id_model.state_dict(), str(tmp_path / "w.safetensors"))
+    np.savez(tmp_path / "train.npz", x=x[:1500], y=y[:1500])
+    np.save(tmp_path / "ids.npy", x[1500:1510].astype(np.int32))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    out = CliRunner().invoke(main, ["export", "idmodel:build", "--weights", "w.safetensors", "--data",
+                                    "train.npz", "-o", "d.onnx", "--quiet"])
+    assert out.exit_code == 0, out.output
+    res = CliRunner().invoke(main, ["score", "d.onnx", "ids.npy", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(l) for l in res.stdout.splitlines()]
+    assert [r["pred"] for r in rows] == AnomalySession(tmp_path / "d.onnx").run(x[1500:1510]).pred.tolist()
+
+
+def test_a_served_request_of_ids_is_read_as_ids(id_file, digits_ids):
+    spec = AnomalySession(id_file[1], provider="cpu").input_spec
+    arr, _ = parse_score_request(json.dumps({"inputs": digits_ids[0][:2].tolist()}).encode(), spec)
+    assert arr.dtype == np.int64 and arr.shape == (2, 64)
+    with pytest.raises(InputError, match="reads integer ids"):
+        parse_score_request(json.dumps({"inputs": [[0.5] * 64]}).encode(), spec)
