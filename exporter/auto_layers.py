@@ -57,6 +57,10 @@ def _evenly(items: list, k: int) -> list:
     return [items[i] for i in idx]
 
 
+#: modules after the logits' maker that keep its shape and carry no weights of their own
+_PASS_THROUGH = (nn.LogSoftmax, nn.Softmax, nn.Identity, nn.Dropout)
+
+
 def _head(records: list[Record], logits: torch.Tensor) -> tuple[str | None, float]:
     """The penultimate tap (the input of the innermost module producing the logits: the
     output of the module that last made that tensor, else ``head#in``) and the probe order
@@ -71,6 +75,12 @@ def _head(records: list[Record], logits: torch.Tensor) -> tuple[str | None, floa
     if not makers:
         return None, math.inf
     head = max(makers, key=lambda r: (r.depth, -r.order))      # the innermost module
+    while isinstance(head.module, _PASS_THROUGH) and head.in_ids:
+        # nn.LogSoftmax / nn.Softmax as the last module: the head is the layer feeding it
+        inner = [r for r in records if r.out_id == head.in_ids[0] and r.order < head.order]
+        if not inner:
+            break
+        head = max(inner, key=lambda r: (r.depth, -r.order))
     if not head.in_ids:
         return None, head.order
     feeders = [r for r in records if r.out_id == head.in_ids[0] and r.order < head.order]

@@ -10,6 +10,7 @@ does the rest the same way for all of them, in the manner of pytorch-ood / sciki
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from ufad.runtime.errors import ExportError, opt
 from ufad.runtime.inputs import range_limits
 
 from .auto_layers import default_layers
-from .data import ArrayLike, Data, Rows, check_labels, check_tpr, input_array, iter_batches, progress
+from .data import ArrayLike, Data, Rows, as_input, check_labels, check_tpr, input_array, iter_batches, progress
 from .onnx_export import PARITY_RTOL
 from .outputs import LogitsKey, parse_key, pick_logits
 from .registry import Option, register
@@ -62,6 +63,8 @@ class DetectorModule(nn.Module):
         if self.id_range is not None:
             x = x.clamp(*self.id_range)
         logits = pick_logits(self.model(x), self.logits_key)
+        if logits.dtype == torch.float64:   # the float64 copy of parity's reference: the head stays float32
+            logits = logits.float()
         feats = self.capture.collect(logits) if self.capture.layers else []
         pred = logits.argmax(dim=1)
         score, layer_scores = self.head(logits, pred, feats)
@@ -183,10 +186,21 @@ class Detector:
 
     # ----------------------------------------------------------------- fitting
     def _check_model(self) -> None:
-        if self.model.training:
+        training = [n or "(the model)" for n, m in self.model.named_modules() if m.training]
+        if training:
+            # A submodule left in training mode would update batch-norm statistics during the
+            # fit and make dropout random: the regions would describe another model.
+            shown = ", ".join(training[:8]) + (f", ... ({len(training)} in all)" if len(training) > 8 else "")
             raise ExportError(
-                "the model is in training mode (dropout / batch-norm statistics would make "
+                f"the model is in training mode ({shown}: dropout / batch-norm statistics would make "
                 "activations random); call model.eval() before fitting or exporting."
+            )
+        dtypes = sorted({str(t.dtype).replace("torch.", "") for t in self.model.parameters() if t.is_floating_point()}
+                        - {"float32"})
+        if dtypes:
+            raise ExportError(
+                f"the model's weights are {', '.join(dtypes)}; ufad fits and exports float32 models. "
+                "Call model.float() first (the detector's file is float32 either way)."
             )
 
     def _prepare(self, first: torch.Tensor) -> None:
@@ -234,6 +248,7 @@ class Detector:
                             f"tensors, say which holds the logits with {opt('logits')}."
                         )
                     feats = capture.collect(logits) if self.layers else []
+                self._check_classes(logits, int(y.max()) if y is not None and len(y) else None)
                 if self.num_classes is None:  # recorded here, so no detector's _fit has to
                     self.num_classes = int(logits.shape[1])
                     self.dims = [int(f.shape[1]) for f in feats]
@@ -252,6 +267,12 @@ class Detector:
         self.num_classes, self.dims = None, []   # a refit starts over
         if labels is not None:
             lab = check_labels(labels, len(data) if isinstance(data, (np.ndarray, torch.Tensor)) else None)
+            if len(lab) and isinstance(data, (np.ndarray, torch.Tensor)):
+                # one small forward pass, so a label the model has no output for is named as
+                # such, not as a class with too few samples
+                with torch.no_grad():
+                    out = pick_logits(run_model(self.model, as_input(data[:2])), self.logits)
+                self._check_classes(out, int(lab.max()))
             self._check_labels(lab)
         self._fit(self._stream(data, labels, f"fit {self.method}"))
         self.input_range = getattr(self, "_seen_range", None)
@@ -269,6 +290,20 @@ class Detector:
             )
         self._fitted = True
         return self
+
+    @staticmethod
+    def _check_classes(logits: torch.Tensor, largest: int | None) -> None:
+        """Two or more classes, and no label beyond them (``largest``: the largest label)."""
+        if logits.dim() == 2 and logits.shape[1] < 2:
+            raise ExportError(
+                f"the model returns {logits.shape[1]} logit per input; ufad needs one per class "
+                "(a softmax over two or more). For a binary classifier with one logit z "
+                "(sigmoid / BCEWithLogits), wrap it to return torch.cat([torch.zeros_like(z), z], "
+                "dim=1): its softmax is (1 - sigmoid(z), sigmoid(z)).")
+        if largest is not None and logits.dim() == 2 and largest >= logits.shape[1]:
+            raise ExportError(
+                f"labels hold class {largest} but the model has {logits.shape[1]} outputs "
+                f"(classes 0..{logits.shape[1] - 1}); pass labels as the model's class indices.")
 
     def _check_labels(self, labels: np.ndarray) -> None:
         """Hook for early label checks (before any forward pass)."""
@@ -316,14 +351,37 @@ class Detector:
         """Torch reference scoring of ``x``: dict with logits, pred, score, is_anomaly,
         layer_scores and one activation array per layer (the ONNX outputs, same names)."""
         self._check_model()
-        mod = self.module()
+        return self._run_module(self.module(), x, threshold)
+
+    def score_float64_model(self, x: ArrayLike) -> dict[str, np.ndarray] | None:
+        """``score`` with a float64 copy of the model (the head stays float32): how far the
+        float32 model is from its own exact value on ``x``, so how far a correct float32
+        export may drift from the float32 reference (the export's parity check). None when
+        the model cannot run in float64."""
+        self._require_fitted()
+        try:
+            model64 = copy.deepcopy(self.model).double()
+            ids = self.input_range if self.input_dtype == "int64" else None
+            mod = DetectorModule(model64, self.taps, self.head(), self.logits, self._flag_limits(),
+                                 None if ids is None else (int(ids[0]), int(ids[1]))).eval()
+        except Exception:
+            return None
+        try:
+            return self._run_module(mod, x, None, to_float64=True)
+        except Exception:
+            return None
+
+    def _run_module(self, mod: DetectorModule, x: ArrayLike, threshold: float | None,
+                    to_float64: bool = False) -> dict[str, np.ndarray]:
         thr = torch.tensor(self.threshold if threshold is None else threshold, dtype=torch.float32)
         rows = Rows(len(x) if isinstance(x, (np.ndarray, torch.Tensor)) else None)
         try:
             batches, total = iter_batches(x, None, self.batch_size)
             with torch.no_grad():
                 for xb, _ in progress(batches, total, "score (torch)", self.progress and (total or 0) > 8):
-                    rows.add([t.numpy() for t in mod(xb, thr)])
+                    if to_float64 and xb.is_floating_point():
+                        xb = xb.double()
+                    rows.add([t.float().numpy() if t.dtype == torch.float64 else t.numpy() for t in mod(xb, thr)])
         finally:
             mod.capture.remove()
         return dict(zip(self.output_names(), rows.result()))

@@ -111,7 +111,8 @@ def export_command(model_spec, data, output, weights, calib_data, method, layers
         f"{f'+ columns {extra} ' if extra else ''}"
         f"threshold={det.threshold:.4f} (ID accept {det.calibration.accepted:.3f} on held-out data), "
         f"torch/onnxruntime parity {rep.parity_max_rel_diff:.2e} on {rep.parity_samples} ID inputs "
-        f"({rep.parity_noise_max_rel_diff:.2e} on noise)"
+        f"({rep.parity_noise_max_rel_diff:.2e} on noise; the model's own float32 error "
+        f"{rep.model_float32_error:.1e})"
         f"{', simplified' if rep.simplified else ''}; {time.time() - t0:.1f} s"
     )
     for note in rep.notes:

@@ -91,6 +91,12 @@ def _ids(ids: Sequence[int], cap: int = 12) -> str:
     return f"[{shown}{f', ... ({len(ids)} in all)' if len(ids) > cap else ''}]"
 
 
+def _log_probabilities(logits: torch.Tensor) -> bool:
+    """Are these "logits" already log-probabilities (every row's logsumexp is 0)?"""
+    lse = torch.logsumexp(logits.double(), dim=1)
+    return bool(len(lse)) and bool((lse.abs() <= 1e-4).all())
+
+
 class UniformDetector(Detector):
     """Per-class, per-layer one-class regions (the paper's uniform framework).
 
@@ -173,8 +179,12 @@ class UniformDetector(Detector):
 
     def automatic_layers(self, example: torch.Tensor) -> list[str]:
         with torch.no_grad():
-            classes = pick_logits(run_model(self.model, example[:2]), self.logits).shape[1]
-        return [*super().automatic_layers(example), SOFTMAX if classes <= MANY_CLASSES else SOFTMAX_TOP, ENERGY]
+            logits = pick_logits(run_model(self.model, example[:2]), self.logits)
+        # A model that returns log-probabilities (log_softmax) has an energy of 0 up to rounding:
+        # a column of pure rounding noise, rescaled to the other layers', would decide the score.
+        energy = [] if _log_probabilities(logits) else [ENERGY]
+        return [*super().automatic_layers(example), SOFTMAX if logits.shape[1] <= MANY_CLASSES else SOFTMAX_TOP,
+                *energy]
 
     def _whitened(self, dims: Sequence[int]) -> list[bool]:
         modules = [i for i, l in enumerate(self.layers) if l not in OUTPUT_TAPS]
@@ -222,6 +232,11 @@ class UniformDetector(Detector):
             ok = np.ones(len(pred), bool) if y is None else (pred == y.numpy())
             f_np = [f.numpy().astype(np.float64) for f in feats]
             if moments is None:
+                if ENERGY in self.layers and _log_probabilities(logits):
+                    raise ExportError(
+                        f"{ENERGY!r} is -logsumexp(logits), and this model returns log-probabilities "
+                        "(log_softmax: logsumexp = 0 for every input), so it would be a column of "
+                        f"rounding noise; drop {ENERGY!r} from {opt('layers')}.")
                 if self.consistency != "none":
                     self._consistency_layers()   # a wrong setting fails at the first batch, not after the pass
                 moments = [LayerMoments(d, self.num_classes, w) for d, w in zip(self.dims, self._whitened(self.dims))]
