@@ -19,6 +19,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -70,13 +71,19 @@ def _head(records: list[Record], logits: torch.Tensor) -> tuple[str | None, floa
         # No module returns the logits themselves: they are combined after the heads (timm's
         # distilled models average a head and a distillation head in eval). Follow the
         # last module that makes a tensor of the logits' shape instead.
-        makers = [r for r in records if r.out_shape == tuple(logits.shape) and not r.is_container]
+        # (SqueezeNet's head ends in a [B, C, 1, 1] map that forward() flattens: same numbers.)
+        per_row = int(np.prod(logits.shape[1:]))
+        makers = [r for r in records if not r.is_container and r.out_shape is not None and len(r.out_shape) >= 2
+                  and r.out_shape[0] == logits.shape[0] and int(np.prod(r.out_shape[1:])) == per_row
+                  and all(d == 1 for d in r.out_shape[2:])]
         makers = makers[-1:]
     if not makers:
         return None, math.inf
     head = max(makers, key=lambda r: (r.depth, -r.order))      # the innermost module
-    while isinstance(head.module, _PASS_THROUGH) and head.in_ids:
-        # nn.LogSoftmax / nn.Softmax as the last module: the head is the layer feeding it
+    while (isinstance(head.module, _PASS_THROUGH) or not (head.is_container or has_weights(head.module))) \
+            and head.in_ids:
+        # nn.LogSoftmax / nn.Softmax, or a pool / activation after a conv head, as the last
+        # module: the head is the layer with weights that feeds it
         inner = [r for r in records if r.out_id == head.in_ids[0] and r.order < head.order]
         if not inner:
             break
@@ -165,7 +172,11 @@ def _blocks(records: list[Record], head_order: int) -> list[str]:
             by_parent.setdefault(parent, []).append(r)
     if not by_parent:
         return []
-    seq = max(by_parent.values(), key=len)                             # the block stack
+    # The block stack: the outermost numbered stack of token modules (a hierarchical
+    # transformer's stages, LeViT's ``stages.0..2``, rather than the blocks of its last stage),
+    # the longest at that depth.
+    stacks = [v for v in by_parent.values() if len(v) >= 2] or list(by_parent.values())
+    seq = min(stacks, key=lambda v: (v[0].depth, -len(v)))
     picks = [r.name for r in _evenly(seq, 3)]
     end = max(r.order for r in seq)
     norms = [r for r in toks if r.order > end and isinstance(r.module, nn.LayerNorm)]

@@ -234,13 +234,37 @@ def _channel_last(name: str, module: nn.Module, t: torch.Tensor, before: list["R
     return width == t.shape[-1]
 
 
-def _kind(module: nn.Module, t: torch.Tensor) -> str:
+def _width(m: nn.Module) -> int | None:
+    """The feature width a layer with weights produces (None: not one of these)."""
+    if isinstance(m, nn.Linear):
+        return m.out_features
+    if isinstance(m, nn.LayerNorm):
+        return m.normalized_shape[-1]
+    if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d)):
+        return m.out_channels
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return m.num_features
+    if isinstance(m, nn.Embedding):
+        return m.embedding_dim
+    if isinstance(m, nn.MultiheadAttention):
+        return m.embed_dim
+    return None
+
+
+def _kind(name: str, module: nn.Module, t: torch.Tensor, before: list["Record"]) -> str:
     if isinstance(module, nn.RNNBase):
         return "sequence"
     if t.dim() == 2:
         return "vector"
     if t.dim() != 3:
         return "map"
+    # The axis the module's last layer with weights writes is the channel axis: tokens
+    # [B, N, D] when it is the last one, a 1-D map [B, C, T] when it is the second. (LeViT's
+    # stages hold BatchNorm1d over flattened tokens: the module types alone say "map".)
+    inner = [r.module for r in before if r.name.startswith(name + ".") and not r.is_container]
+    width = _width(next((m for m in reversed(inner) if has_weights(m)), module))
+    if width is not None and t.shape[1] != t.shape[2] and width in (t.shape[1], t.shape[2]):
+        return "tokens" if width == t.shape[2] else "map"
     if _has(module, _CHANNEL_FIRST_1D):
         return "map"
     if _has(module, _TOKEN_MAKERS + (nn.RNNBase,)):
@@ -269,7 +293,7 @@ def probe(model: nn.Module, example: torch.Tensor) -> tuple[list[Record], Any]:
             records.append(Record(
                 name, m, len(records), name.count(".") + 1,
                 None if t is None else tuple(t.shape), None if t is None else id(t), ins,
-                None if first is None else tuple(first.shape), None if t is None else _kind(m, t),
+                None if first is None else tuple(first.shape), None if t is None else _kind(name, m, t, records),
                 type(out).__name__, t is not None and _channel_last(name, m, t, records)))
         handles.append(mod.register_forward_hook(hook))
     try:

@@ -123,6 +123,27 @@ def test_stage_chains_and_averaged_heads():
     assert choose(deit, x).layers == ["blocks.3", "blocks.7", "blocks.11", "norm", "head_dist#in"]
 
 
+def test_hierarchical_token_stages():
+    """timm's LeViT: a conv stem, then stages of tokens [B, N, C] whose layers normalise with
+    BatchNorm1d over flattened tokens. Its stages are tokens (reduced per channel over tokens),
+    not 1-D maps (reduced per token over channels: 4 and 1 dimensions), and the taps are the
+    stage outputs, not three blocks of the last stage."""
+    timm = import_timm()
+    if timm is None:
+        pytest.skip("timm not installed")
+    levit = timm.create_model("levit_128s", pretrained=False, num_classes=10, img_size=64).eval()
+    x = torch.rand(2, 3, 64, 64)
+    c = choose(levit, x)
+    assert c.family == "transformer" and c.layers == ["stages.0", "stages.1", "stages.2", "head_dist.bn"]
+    taps = resolve_taps(levit, c.layers, x)
+    assert [t.reduction for t in taps[:3]] == ["tokens_mean"] * 3
+    cap = ActivationCapture(levit, taps)
+    with torch.no_grad():
+        feats = cap.collect(levit(x))
+    cap.remove()
+    assert [f.shape[1] for f in feats] == [128, 256, 384, 384]
+
+
 def test_channel_last_maps_are_reduced_per_channel():
     """Swin's stages give ``[B, H, W, C]`` maps: reduced per channel (C values), not per row
     (H values); a ConvNeXt block, whose Linear layers run on a permuted copy, stays channel-first."""
