@@ -6,10 +6,11 @@ flagged, not fed to an embedding that lacks them. Real data: scikit-learn's digi
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from torch import nn
 
@@ -19,16 +20,8 @@ from ufad.runtime.cli import main
 from ufad.runtime.errors import ExportError, InputError
 from ufad.runtime.serve_requests import parse_score_request
 
-
-class TokenMLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(17, 8)
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64 * 8, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU())
-        self.head = nn.Linear(32, 10)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(self.embed(ids)))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from make_runtime_fixture import train_token_mlp  # noqa: E402  (the committed runtime fixture's model)
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +36,7 @@ def digits_ids():
 @pytest.fixture(scope="module")
 def id_model(digits_ids):
     x, y = digits_ids
-    torch.manual_seed(0)
-    model = TokenMLP()
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    xt, yt = torch.from_numpy(x[:1200]), torch.from_numpy(y[:1200])
-    for _ in range(15):
-        for i in range(0, 1200, 64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(xt[i:i + 64]), yt[i:i + 64]).backward()
-            opt.step()
-    return model.eval()
+    return train_token_mlp(x[:1200], y[:1200])
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +118,8 @@ def test_cli_exports_and_scores_ids(tmp_path, id_model, digits_ids, monkeypatch)
 
     x, y = digits_ids
     (tmp_path / "idmodel.py").write_text(
-        "import sys\nsys.path.insert(0, %r)\nfrom test_id_inputs import TokenMLP\n\n"
-        "def build():\n    return TokenMLP()\n" % str(__import__("pathlib").Path(__file__).parent))
+        "import sys\nsys.path.insert(0, %r)\nfrom make_runtime_fixture import TokenMLP\n\n"
+        "def build():\n    return TokenMLP()\n" % str(Path(__file__).resolve().parents[1] / "tools"))
     save_file(id_model.state_dict(), str(tmp_path / "w.safetensors"))
     np.savez(tmp_path / "train.npz", x=x[:1500], y=y[:1500])
     np.save(tmp_path / "ids.npy", x[1500:1510].astype(np.int32))
@@ -144,6 +128,10 @@ def test_cli_exports_and_scores_ids(tmp_path, id_model, digits_ids, monkeypatch)
     out = CliRunner().invoke(main, ["export", "idmodel:build", "--weights", "w.safetensors", "--data",
                                     "train.npz", "-o", "d.onnx", "--quiet"])
     assert out.exit_code == 0, out.output
+    listed = CliRunner().invoke(main, ["layers", "idmodel:build", "--data", "train.npz"])
+    assert listed.exit_code == 0 and "embed" in listed.output, listed.output
+    listed = CliRunner().invoke(main, ["layers", "idmodel:build", "--input-shape", "64"])
+    assert listed.exit_code == 2 and "pass --data with an .npz whose x holds integer ids" in listed.output
     res = CliRunner().invoke(main, ["score", "d.onnx", "ids.npy", "--json"])
     assert res.exit_code == 0, res.output
     rows = [json.loads(l) for l in res.stdout.splitlines()]

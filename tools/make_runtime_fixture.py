@@ -88,6 +88,20 @@ class TokenMLP(nn.Module):
         return self.head(self.body(self.embed(ids)))
 
 
+def train_token_mlp(x: np.ndarray, y: np.ndarray, epochs: int = 20) -> TokenMLP:
+    """A TokenMLP trained on ids ``x`` (int64 [N, 64]) and labels ``y``, seeded, in eval mode."""
+    torch.manual_seed(0)
+    model = TokenMLP()
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    xt, yt = torch.tensor(x), torch.tensor(y)
+    for _ in range(epochs):
+        for i in range(0, len(xt), 64):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xt[i:i + 64]), yt[i:i + 64]).backward()
+            opt.step()
+    return model.eval()
+
+
 def tokens_small(out: Path) -> None:
     from sklearn.datasets import load_digits
 
@@ -96,16 +110,7 @@ def tokens_small(out: Path) -> None:
     x, y = load_digits(return_X_y=True)
     perm = np.random.default_rng(0).permutation(len(x))
     x, y = x[perm].astype(np.int64), y[perm]
-    torch.manual_seed(0)
-    model = TokenMLP()
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    xt, yt = torch.tensor(x[:1200]), torch.tensor(y[:1200])
-    for _ in range(20):
-        for i in range(0, 1200, 64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(xt[i:i + 64]), yt[i:i + 64]).backward()
-            opt.step()
-    model.eval()
+    model = train_token_mlp(x[:1200], y[:1200])
     det = UniformDetector(model, max_points=60, progress=False)
     det.fit(x[:1200], y[:1200]).calibrate(x[1200:1600], source="digits held-out rows (400)")
     det.export(out / "tokens_small.onnx", check_inputs=x[1200:1392])

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ufad.runtime.errors import InputError, opt
+from ufad.runtime.errors import ExportError, InputError, opt
 
 
 def _example(data: str | None, input_shape: str | None) -> np.ndarray:
@@ -51,7 +51,13 @@ def layers_command(model_spec, data, input_shape, weights, logits, show_all):
     if weights:
         load_weights(model, weights)
     model.eval()
-    c = choose(model, torch.from_numpy(x), parse_key(logits))
+    try:
+        c = choose(model, torch.from_numpy(x), parse_key(logits))
+    except ExportError as e:
+        if input_shape and "integer ids" in e.raw:   # the made-up example is float32
+            raise InputError(f"{e.raw} With {opt('input_shape')} the example input is float32: for a model "
+                             f"that reads ids, pass {opt('data')} with an .npz whose x holds integer ids.") from None
+        raise
     chosen = c.layers
     table = Table(title=f"{model_spec}: {c.family} (automatic: {', '.join(chosen) or 'none'}; the uniform detector "
                           "adds @sqrt_softmax and @energy)")
