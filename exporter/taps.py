@@ -170,14 +170,14 @@ def run_model(model: nn.Module, x: torch.Tensor) -> Any:
         dtype = "float32" if x.is_floating_point() else "int64"
         hint = ""
         if re.search(r"dtype|scalar type|Long|Float|Int\b|Double", first):   # a type mismatch, not a shape one
-            hint = (" Integer data are passed to the model as int64 ids; if it reads values, pass "
+            hint = ("integer data are passed to the model as int64 ids; if it reads values, pass "
                     "floats (x.astype(np.float32))." if dtype == "int64" else
-                    " A model with an embedding reads integer ids: pass them as an integer array "
+                    "a model with an embedding reads integer ids: pass them as an integer array "
                     "(x.astype(np.int64)), not floats.")
+        advice = hint or "pass data shaped like the model's training input, [N, C, H, W] for a CNN."
         raise ExportError(
             f"the model fails on data of shape (N, {', '.join(map(str, x.shape[1:]))}) and dtype {dtype} "
-            f"({type(e).__name__}: {first}); pass data shaped like the "
-            f"model's training input, [N, C, H, W] for a CNN.{hint}"
+            f"({type(e).__name__}: {first}); {advice}"
         ) from e
 
 

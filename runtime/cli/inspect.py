@@ -25,9 +25,14 @@ def inspect_command(model, as_json):
     classes = d["classes"]
     click.echo(f"file        {d['file']} ({d['size_bytes'] / 1e6:.2f} MB, format v{d['format_version']})")
     click.echo(f"method      {d['method']}  {json.dumps({k: v for k, v in d['params'].items() if k in ('nu', 'boundary', 'reduction', 'combine')})}")
-    click.echo(f"input       {inp['name']} {inp['dtype']} {inp['shape']} range {inp['range']}")
-    click.echo(f"range rule  {inp['range_policy']}: values far outside the range are "
-               + ("refused (a scaling mistake)" if inp["range_policy"] == "refuse" else "scored and flagged anomalous"))
+    ids = inp["dtype"] == "int64"
+    rng = inp["range"]
+    shown = f"[{int(rng[0])}, {int(rng[1])}] (ids seen at fit)" if ids and rng else rng
+    click.echo(f"input       {inp['name']} {inp['dtype']} {inp['shape']} range {shown}")
+    click.echo(f"range rule  {inp['range_policy']}: " + ("ids outside the range are " if ids else
+                                                         "values far outside the range are ")
+               + ("refused (a scaling mistake)" if inp["range_policy"] == "refuse" and not ids else
+                  "refused" if inp["range_policy"] == "refuse" else "scored and flagged anomalous"))
     click.echo(f"classes     {len(classes)}: {', '.join(classes[:12])}{' ...' if len(classes) > 12 else ''}")
     click.echo(f"threshold   {d['threshold']:.6g}  (target ID acceptance {cal.get('target_tpr')}, "
                f"{cal.get('n_samples')} calibration samples, source: {cal.get('source')})")

@@ -74,6 +74,13 @@ def test_cli_scores_an_integer_npy_and_refuses_floats(tmp_path, ids):
     assert res.exit_code == 2 and "reads integer ids" in res.output and "Traceback" not in res.output
 
 
+def test_inspect_shows_the_id_range_as_ids():
+    res = CliRunner().invoke(main, ["inspect", str(TOKENS)])
+    assert res.exit_code == 0, res.output
+    assert "int64 [None, 64] range [0, 16] (ids seen at fit)" in res.output
+    assert "ids outside the range are scored and flagged anomalous" in res.output
+
+
 def test_an_unknown_input_dtype_is_refused_by_the_reader(sess):
     from ufad.runtime import format as fmt
 
