@@ -176,3 +176,29 @@ def test_node_client_threshold_nonfinite_uint8_and_errors(node_ready, exported_p
         p = run_client(*args, check=False)
         assert p.returncode == 2, (args, p.stderr)
         assert p.stderr.startswith("error: ") and needle in p.stderr and "    at " not in p.stderr, p.stderr
+
+
+def test_node_client_scores_a_detector_that_reads_ids(node_ready, tmp_path):
+    """tokens_small.onnx (an embedding model on digits as 64 ids; tests/runtime/data): int64 and
+    int32 .npy files give the Python runtime's scores and verdicts, an unseen id is flagged, and
+    floats are refused with one line."""
+    from ufad.runtime import AnomalySession
+
+    data = Path(__file__).resolve().parent / "runtime" / "data"
+    model = data / "tokens_small.onnx"
+    ids = np.load(data / "tokens.npy")[:40].copy()
+    ids[3, 7] = 99                                   # never seen at fit: flagged, not fed to the embedding
+    ref = AnomalySession(model, provider="cpu").run(ids)
+    for dtype in (np.int64, np.int32):
+        np.save(tmp_path / "ids.npy", ids.astype(dtype))
+        rows = [json.loads(line) for line in run_client(model, tmp_path / "ids.npy").stdout.splitlines()]
+        assert [r["pred"] for r in rows] == ref.pred.tolist()
+        assert [r["is_anomaly"] for r in rows] == ref.is_anomaly.tolist()
+        assert [r["out_of_range_input"] for r in rows] == ref.out_of_range.tolist()
+        assert rows[3]["score"] == "inf" and rows[3]["out_of_range_input"]
+        finite = [i for i in range(len(rows)) if i != 3]
+        got = np.array([rows[i]["score"] for i in finite], np.float64)
+        assert np.all(np.abs(got - ref.score[finite]) <= REL_TOL * np.maximum(1.0, np.abs(ref.score[finite])))
+    np.save(tmp_path / "f.npy", ids.astype(np.float32))
+    proc = run_client(model, tmp_path / "f.npy", check=False)
+    assert proc.returncode != 0 and "reads integer ids" in proc.stderr and "at " not in proc.stderr.strip().splitlines()[-1]

@@ -1,11 +1,17 @@
 /*
  * Minimal reader for NumPy .npy files (format versions 1-3): little-endian float32,
- * float64 or uint8, C order. That covers what `np.save(path, x.astype(np.float32))` writes;
+ * float64 or uint8, C order, and int64 / int32 for detectors that read ids. That covers what `np.save(path, x.astype(np.float32))` writes;
  * anything else is refused with a message saying how to convert it.
  */
 'use strict';
 
-const DTYPES = { '<f4': ['float32', 4], '<f8': ['float64', 8], '|u1': ['uint8', 1], '<u1': ['uint8', 1] };
+const DTYPES = {
+  '<f4': ['float32', 4], '<f8': ['float64', 8], '|u1': ['uint8', 1], '<u1': ['uint8', 1],
+  '<i8': ['int64', 8], '<i4': ['int32', 4],
+};
+const ARRAYS = {
+  float32: Float32Array, float64: Float64Array, uint8: Uint8Array, int64: BigInt64Array, int32: Int32Array,
+};
 
 class NpyError extends Error {
   constructor(message) { super(message); this.name = 'UfadError'; }
@@ -14,7 +20,7 @@ class NpyError extends Error {
 /**
  * @param {Buffer|Uint8Array} bytes contents of a .npy file
  * @param {string} path for messages
- * @returns {{dtype: string, shape: number[], data: Float32Array|Float64Array|Uint8Array}}
+ * @returns {{dtype: string, shape: number[], data: Float32Array|Float64Array|Uint8Array|BigInt64Array|Int32Array}}
  */
 function parseNpy(bytes, path = '<npy>') {
   const buf = bytes instanceof Uint8Array ? bytes : new Uint8Array(bytes);
@@ -35,7 +41,7 @@ function parseNpy(bytes, path = '<npy>') {
   if (!descr || !fortran || !shapeM) throw new NpyError(`${path}: unreadable .npy header ${JSON.stringify(header.trim())}`);
   const dt = DTYPES[descr[1]];
   if (!dt) {
-    throw new NpyError(`${path}: dtype ${descr[1]} is not supported; save float32 (x.astype(numpy.float32)), float64 or uint8 little-endian`);
+    throw new NpyError(`${path}: dtype ${descr[1]} is not supported; save float32 (x.astype(numpy.float32)), float64 or uint8 little-endian (int64 / int32 for ids)`);
   }
   if (fortran[1] === 'True') throw new NpyError(`${path}: Fortran-order array; save numpy.ascontiguousarray(x) instead`);
   const shape = shapeM[1].split(',').map((s) => s.trim()).filter((s) => s.length).map(Number);
@@ -47,8 +53,7 @@ function parseNpy(bytes, path = '<npy>') {
   // whatever the header length was.
   const raw = new Uint8Array(count * size);
   raw.set(buf.subarray(offset, offset + count * size));
-  const data = dtype === 'float32' ? new Float32Array(raw.buffer, 0, count)
-    : dtype === 'float64' ? new Float64Array(raw.buffer, 0, count) : new Uint8Array(raw.buffer, 0, count);
+  const data = new ARRAYS[dtype](raw.buffer, 0, count);
   return { dtype, shape, data };
 }
 

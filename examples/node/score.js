@@ -6,7 +6,8 @@
  *                 [--no-range-check] [--no-verify] [--threads N]
  *   node score.js MODEL.onnx --info        # the parsed ufad metadata as JSON
  *
- * Inputs are NumPy .npy files (float32 / float64 / uint8, C order; np.save writes them),
+ * Inputs are NumPy .npy files (float32 / float64 / uint8, C order; np.save writes them; int64 /
+ * int32 for a detector that reads ids),
  * shaped like the model's input: [B, 1, 28, 28], [B, 28, 28] or one sample. Prints one JSON
  * object per input (JSON lines), the same fields as `ufad score --json`: index, pred, label,
  * score, is_anomaly, threshold, layer_scores, nonfinite_input, source, provider.
@@ -105,7 +106,7 @@ async function main() {
       const b = Math.min(opts.batchSize, n - start);
       const chunk = batch.data.subarray(start * per, (start + b) * per);
       const feeds = {
-        [info.input.name]: new ort.Tensor('float32', chunk, [b, ...batch.shape.slice(1)]),
+        [info.input.name]: new ort.Tensor(fmt.tensorType(info.input), chunk, [b, ...batch.shape.slice(1)]),
       };
       const out = await session.run(feeds, fetch);
       for (const rec of fmt.records(out, info, threshold, chunk, start, true)) {

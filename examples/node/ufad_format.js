@@ -275,12 +275,8 @@
    */
   function asBatch(data, shape, dtype, spec, rangeCheck = true) {
     const expected = describeSpec(spec);
-    if (spec.dtype !== 'float32') {
-      // int64 inputs are token / category ids (FORMAT.md); this client builds float32 tensors only
-      throw new UfadError(`this detector reads ${expected} (integer ids); this client scores float32-input `
-        + 'detectors only. Score it with the Python runtime (ufad score), or build an int64 tensor '
-        + '(BigInt64Array) of the ids yourself.');
-    }
+    if (spec.dtype === 'int64') return idBatch(data, shape, dtype, spec, rangeCheck, expected);
+    if (spec.dtype !== 'float32') throw new UfadError(`this client cannot feed ${expected}; upgrade it`);
     let arr;
     if (dtype === 'float32') arr = data instanceof Float32Array ? data : Float32Array.from(data);
     else if (dtype === 'float64' || dtype === 'float16') arr = Float32Array.from(data);
@@ -322,6 +318,37 @@
     return { data: arr, shape: s };
   }
 
+  /**
+   * asBatch for a detector that reads ids (ufad.input.dtype int64, FORMAT.md): integer data as
+   * a BigInt64Array; floats are refused, not rounded. Ids outside the range seen at fit are
+   * refused under policy "refuse"; under "flag" they pass and the graph flags them.
+   */
+  function idBatch(data, shape, dtype, spec, rangeCheck, expected) {
+    if (!['int64', 'int32', 'uint8'].includes(dtype)) {
+      throw new UfadError(`got ${dtype} data but this model reads integer ids; expected ${expected}. Save the ids as integers (x.astype(numpy.int64)).`);
+    }
+    const arr = data instanceof BigInt64Array ? data : BigInt64Array.from(data, (v) => BigInt(v));
+    const sample = spec.shape.slice(1);
+    const s = shape.length === sample.length ? [1, ...shape] : shape.slice();
+    if (s.length !== spec.shape.length || s.slice(1).some((d, i) => d !== sample[i])) {
+      throw new UfadError(`input has shape [${shape.join(', ')}], expected ${expected}`);
+    }
+    if (rangeCheck && spec.range && spec.range_policy !== 'flag') {
+      const [lo, hi] = spec.range;
+      for (const v of arr) {
+        if (v < lo || v > hi) {
+          throw new UfadError(`input id ${v} is beyond the ids seen at fit [${lo}, ${hi}]; map unknown ids to a known one, or pass --no-range-check to score them anyway.`);
+        }
+      }
+    }
+    return { data: arr, shape: s };
+  }
+
+  /** The ort.Tensor type of the detector's input. */
+  function tensorType(spec) {
+    return spec.dtype === 'int64' ? 'int64' : 'float32';
+  }
+
   /** The format's verdict rule: NaN scores (never produced by the graph) count as anomalous. */
   function isAnomaly(score, threshold) {
     return !(score <= threshold);
@@ -352,7 +379,8 @@
     const n = score.length, L = info.layer_names.length;
     const per = n ? input.length / n : 0;
     const rng = info.input.range, flag = info.input.range_policy === 'flag' && rng;
-    const width = rng ? Math.max(rng[1] - rng[0], 1e-6) : 0;
+    const ids = info.input.dtype === 'int64';   // ids: the range is exact, and there is no NaN
+    const width = rng && !ids ? Math.max(rng[1] - rng[0], 1e-6) : 0;
     const low = rng ? Math.fround(rng[0] - width) : 0, high = rng ? Math.fround(rng[1] + width) : 0;
     const rows = [];
     for (let i = 0; i < n; i++) {
@@ -362,7 +390,7 @@
       let nonfinite = false;
       let outOfRange = false;
       for (let k = i * per; k < (i + 1) * per; k++) {
-        if (!Number.isFinite(input[k])) nonfinite = true;
+        if (!ids && !Number.isFinite(input[k])) nonfinite = true;
         else if (flag && (input[k] < low || input[k] > high)) outOfRange = true;
       }
       rows.push({
@@ -382,5 +410,5 @@
     return rows;
   }
 
-  return { FORMAT_VERSION, OUT, UfadError, isAnomaly, readModelProto, parseMetadata, loadDetectorBytes, sha256Hex, asBatch, records, describeSpec };
+  return { FORMAT_VERSION, OUT, UfadError, isAnomaly, readModelProto, parseMetadata, loadDetectorBytes, sha256Hex, asBatch, tensorType, records, describeSpec };
 });

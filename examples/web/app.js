@@ -51,8 +51,8 @@
     setStatus(`loading ${name}…`);
     const { info, verified } = await F.loadDetectorBytes(bytes, name, true);
     const s = info.input.shape;
-    if (s.length !== 4 || s[1] !== 1) {
-      throw new F.UfadError(`${name}: this page handles one-channel image models [B, 1, H, W]; this one takes [${s.join(', ')}]`);
+    if (info.input.dtype !== 'float32' || s.length !== 4 || s[1] !== 1) {
+      throw new F.UfadError(`${name}: this page handles one-channel image models, float32 [B, 1, H, W]; this one takes ${info.input.dtype} [${s.join(', ')}]`);
     }
     const sess = await ort.InferenceSession.create(bytes, { executionProviders: ['wasm'], graphOptimizationLevel: 'all' });
     if (!sess.inputNames.includes(info.input.name) || !sess.outputNames.includes(F.OUT.score)) {
