@@ -9,31 +9,18 @@ Score differences use the project's parity convention |a - b| / max(1, |b|).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from npm_packages import npm_ready
+
 torch = pytest.importorskip("torch")
 
 NODE_DIR = Path(__file__).resolve().parents[1] / "examples" / "node"
-NPM_ENV = {"ONNXRUNTIME_NODE_INSTALL_CUDA": "skip", "ONNXRUNTIME_NODE_INSTALL": "skip"}
 REL_TOL = 1e-4
-
-
-def _npm_ready(folder: Path, marker: str) -> None:
-    """Install the folder's locked npm packages once (skip the test when that is impossible)."""
-    if shutil.which("node") is None or shutil.which("npm") is None:
-        pytest.skip("node / npm not installed (Debian: apt-get install nodejs npm; or run tools/setup_js.sh)")
-    if (folder / "node_modules" / marker / "package.json").exists():
-        return
-    proc = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=folder, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, **NPM_ENV})
-    if proc.returncode != 0:
-        pytest.skip(f"npm ci failed in {folder} (registry unreachable?): {proc.stderr.strip()[-400:]}")
 
 
 def run_client(model: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -55,7 +42,7 @@ def fgsm(model, x: np.ndarray, y: np.ndarray, eps: float) -> np.ndarray:
 
 @pytest.fixture(scope="session")  # session scope: skip before the slow shared fixtures
 def node_ready():
-    _npm_ready(NODE_DIR, "onnxruntime-node")
+    npm_ready(NODE_DIR, ("onnxruntime-node",))
 
 
 @pytest.fixture(scope="module")

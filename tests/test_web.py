@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from npm_packages import npm_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 WEB_DIR = ROOT / "examples" / "web"
@@ -38,11 +39,7 @@ def web_ready():
         pytest.skip("node / npm not installed (run tools/setup_js.sh)")
     if _chromium() is None:
         pytest.skip("chromium not installed (Debian: apt-get install -y chromium; or run tools/setup_js.sh)")
-    mods = WEB_DIR / "node_modules"
-    if not ((mods / "onnxruntime-web" / "package.json").exists() and (mods / "playwright-core" / "package.json").exists()):
-        proc = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=WEB_DIR, capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0:
-            pytest.skip(f"npm ci failed in {WEB_DIR} (registry unreachable?): {proc.stderr.strip()[-400:]}")
+    npm_ready(WEB_DIR, ("onnxruntime-web", "playwright-core"))
     return _chromium()
 
 
