@@ -58,10 +58,6 @@ def _evenly(items: list, k: int) -> list:
     return [items[i] for i in idx]
 
 
-#: modules after the logits' maker that keep its shape and carry no weights of their own
-_PASS_THROUGH = (nn.LogSoftmax, nn.Softmax, nn.Identity, nn.Dropout)
-
-
 def _head(records: list[Record], logits: torch.Tensor) -> tuple[str | None, float]:
     """The penultimate tap (the input of the innermost module producing the logits: the
     output of the module that last made that tensor, else ``head#in``) and the probe order
@@ -80,8 +76,7 @@ def _head(records: list[Record], logits: torch.Tensor) -> tuple[str | None, floa
     if not makers:
         return None, math.inf
     head = max(makers, key=lambda r: (r.depth, -r.order))      # the innermost module
-    while (isinstance(head.module, _PASS_THROUGH) or not (head.is_container or has_weights(head.module))) \
-            and head.in_ids:
+    while not _computes(head) and head.in_ids:
         # nn.LogSoftmax / nn.Softmax, or a pool / activation after a conv head, as the last
         # module: the head is the layer with weights that feeds it
         inner = [r for r in records if r.out_id == head.in_ids[0] and r.order < head.order]

@@ -293,8 +293,8 @@ def parity(reference: dict[str, np.ndarray], got: dict[str, np.ndarray], thresho
 
     Per input and float output, the difference relative to the output's magnitude may reach
     ``rtol`` plus ``FLOAT32_ERROR_FACTOR`` x the reference's own float32 error on these
-    inputs (the largest ``_own_error`` of its outputs), measured against ``exact`` (the same inputs through a float64 copy of the model, when it runs): a
-    model whose float32 value is itself 3e-4 from its exact value is not exported wrongly
+    inputs (the largest ``_own_error`` of its outputs), measured against ``exact`` (the same
+    inputs through a float64 copy of the model, when it runs): a model whose float32 value is itself 3e-4 from its exact value is not exported wrongly
     when onnxruntime lands 2e-4 from torch. pred / is_anomaly must agree except where the
     margin (top-2 logit gap, distance to the threshold) is within that same tolerance.
     ``own``: an own error measured on more inputs (a few of them checked again one at a time
@@ -319,8 +319,8 @@ def parity(reference: dict[str, np.ndarray], got: dict[str, np.ndarray], thresho
         raise ExportError(f"parity: is_anomaly differs on {int(bad.sum())} inputs between torch and onnxruntime, "
                           "away from the threshold; the export is wrong and was not written.")
     logits = reference[fmt.OUT_LOGITS]
-    top2 = np.sort(logits, axis=1)[:, -2:] if logits.shape[1] >= 2 else np.zeros((len(logits), 2))
-    row_scale = np.maximum(1.0, np.abs(logits).max(axis=1)) if logits.size else np.ones(len(logits))
+    top2 = np.sort(logits, axis=1)[:, -2:]      # two or more classes: refused at fit otherwise
+    row_scale = np.maximum(1.0, np.abs(logits).max(axis=1))
     tie = (top2[:, 1] - top2[:, 0]) <= (rtol + 2 * k * own) * row_scale
     bad = (reference[fmt.OUT_PRED] != got[fmt.OUT_PRED]) & ~tie
     if bad.any():
@@ -339,9 +339,9 @@ def parity(reference: dict[str, np.ndarray], got: dict[str, np.ndarray], thresho
 def _verify(model_bytes: bytes, det, check_x: np.ndarray, reference: dict[str, np.ndarray],
             n_id: int, rtol: float, exact: dict[str, np.ndarray] | None) -> tuple[float, float, float]:
     """(worst on the ID check inputs, worst on the noise ones, the model's own float32 error
-    on the ID ones). Noise drives activations far
-    beyond the data's, where float32 differences between two correct kernels grow: it is
-    held to ``NOISE_FACTOR`` x the tolerance, the verdicts to exact agreement."""
+    on the ID ones). Noise drives activations far beyond the data's, where float32
+    differences between two correct kernels grow: it is held to ``NOISE_FACTOR`` x the
+    tolerance, the verdicts to exact agreement."""
     got = _ort_outputs(model_bytes, check_x, list(reference))
     part = lambda d, s: None if d is None else {n: v[s] for n, v in d.items()}  # noqa: E731
     ids, noise = slice(0, n_id), slice(n_id, None)

@@ -220,6 +220,12 @@ def _has(module: nn.Module, types: tuple) -> bool:
     return any(isinstance(m, types) for m in module.modules())
 
 
+def _last_weighted(name: str, module: nn.Module, before: list["Record"]) -> nn.Module:
+    """The last layer with weights that ran inside ``module`` (the module itself if none)."""
+    inner = [r.module for r in before if r.name.startswith(name + ".") and not r.is_container]
+    return next((m for m in reversed(inner) if has_weights(m)), module)
+
+
 def _channel_last(name: str, module: nn.Module, t: torch.Tensor, before: list["Record"]) -> bool:
     """A 4-D output whose channels are its last axis (Swin's blocks and patch merging,
     ``[B, H, W, C]``): the last layer with weights that ran inside the module (or the module
@@ -227,8 +233,7 @@ def _channel_last(name: str, module: nn.Module, t: torch.Tensor, before: list["R
     also act on a permuted copy, permutes back: its last axis is a width, not the Linear's."""
     if t.dim() != 4 or t.shape[1] == t.shape[-1]:
         return False
-    inner = [r.module for r in before if r.name.startswith(name + ".") and not r.is_container]
-    last = next((m for m in reversed(inner) if has_weights(m)), module)
+    last = _last_weighted(name, module, before)
     width = (last.out_features if isinstance(last, nn.Linear) else
              last.normalized_shape[-1] if isinstance(last, nn.LayerNorm) else None)
     return width == t.shape[-1]
@@ -261,8 +266,7 @@ def _kind(name: str, module: nn.Module, t: torch.Tensor, before: list["Record"])
     # The axis the module's last layer with weights writes is the channel axis: tokens
     # [B, N, D] when it is the last one, a 1-D map [B, C, T] when it is the second. (LeViT's
     # stages hold BatchNorm1d over flattened tokens: the module types alone say "map".)
-    inner = [r.module for r in before if r.name.startswith(name + ".") and not r.is_container]
-    width = _width(next((m for m in reversed(inner) if has_weights(m)), module))
+    width = _width(_last_weighted(name, module, before))
     if width is not None and t.shape[1] != t.shape[2] and width in (t.shape[1], t.shape[2]):
         return "tokens" if width == t.shape[2] else "map"
     if _has(module, _CHANNEL_FIRST_1D):
