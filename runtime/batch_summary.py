@@ -76,21 +76,26 @@ class Summary:
         }
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def format_summary(d: dict[str, Any]) -> str:
     """The summary as a few lines of text (what ``ufad score --ray`` prints)."""
     q = d["score_quantiles"]
     per = ", ".join(f"{c}: {n}" for c, n in d["flagged_per_class"].items() if n)
     lines = [
         f"{d['rows']} rows -> {d.get('out', '')}: {d['inputs']} inputs scored, {d['flagged']} flagged "
-        f"({100 * d['flagged_rate']:.1f}%, threshold {d['threshold']}), {d['error_rows']} error rows "
-        f"from {d['error_sources']} sources",
+        f"({100 * d['flagged_rate']:.1f}%, threshold {d['threshold']}), "
+        + (f"{_count(d['error_rows'], 'error row')} from {_count(d['error_sources'], 'source')}"
+           if d["error_rows"] else "no error rows"),
         f"flagged per predicted class: {per or 'none'}",
     ]
     if q:
         lines.append("score quantiles: " + ", ".join(f"{k}: {v if isinstance(v, str) else f'{v:.4g}'}"
                                                      for k, v in q.items()))
     for e in d["errors"][:5]:
-        lines.append(f"error: {e['source']} ({e['rows']} rows): {e['error']}")
+        lines.append(f"error: {e['source']} ({_count(e['rows'], 'row')}): {e['error']}")
     if d["error_sources"] > 5:
         lines.append(f"... and {d['error_sources'] - 5} more sources with errors (see the summary file)")
     if "seconds" in d:

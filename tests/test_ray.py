@@ -224,7 +224,7 @@ def test_a_corrupt_file_gives_one_error_row_and_the_rest_is_scored(cluster, data
     proc = subprocess.run([*UFAD, "score", str(MODEL), str(mixed), "--ray", cluster, "-o", str(out)],
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "195001 rows" in proc.stderr and "1 error rows from 1 sources" in proc.stderr
+    assert "195001 rows" in proc.stderr and "1 error row from 1 source" in proc.stderr
     rows = _read(out)
     assert len(rows["source"]) == (N_FILES - 1) * PER_FILE + 1
     errors = np.flatnonzero(rows["error"] != "")

@@ -7,6 +7,7 @@ import numpy as np
 
 from ufad.runtime.batch_rows import Ledger
 from ufad.runtime.batch_score import concat, score_item
+from ufad.runtime.batch_summary import Summary, format_summary
 from ufad.runtime.sources import plan_items, source_files
 
 
@@ -42,3 +43,15 @@ def test_plan_score_and_ledger_keep_one_row_per_input(session, mnist, tmp_path):
     again = ledger.admit(blocks[1])                     # a retried task's second answer
     assert len(again["file_id"]) == 0 and ledger.duplicates == len(blocks[1]["file_id"])
     assert ledger.missing() == [(files[3].path, 1)]     # the unreadable file's row is the driver's
+
+    summary = Summary(session.classes, session.threshold)
+    for b in blocks:
+        summary.add(b, [f.path for f in files])
+    d = summary.to_json(out="audit.jsonl")
+    assert (d["inputs"], d["error_rows"], d["flagged"]) == (100, 1, int(rows["is_anomaly"][~err].sum()))
+    text = format_summary(d)
+    assert "100 inputs scored" in text and "1 error row from 1 source\n" in text
+    assert f"error: {files[1].path} (1 row): input 3: input values span" in text
+    clean = Summary(session.classes, session.threshold)
+    clean.add(blocks[0] if not (blocks[0]["error"] != "").any() else blocks[-1], [f.path for f in files])
+    assert "no error rows" in format_summary(clean.to_json(out="x"))
