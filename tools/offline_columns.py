@@ -9,7 +9,9 @@ mapped the way ``@energy`` is (its median and 95% quantile on held-out ID put on
 shipped score) and max-ed with the shipped score. Prints mean AUROC per kind (higher score =
 more anomalous; anomaly positive), the candidate alone, and the benign false alarms at a
 threshold accepting 95% of held-out ID. Candidates: confidence columns from the logits (MSP,
-logit margin, entropy) and class-agnostic cosine kNN over the taps' activations.
+logit margin, entropy), class-agnostic cosine kNN over the taps' activations, and layer
+agreement probes (a logistic regression from an earlier tap to the model's own prediction,
+fitted on ID with no labels; column = -log p_probe(predicted class)).
 """
 
 from __future__ import annotations
@@ -67,6 +69,24 @@ def _knn(out: dict, taps: list[str], k: int, bank: int) -> dict[str, np.ndarray]
     return {n: -np.sort(feats(d) @ ref.T, axis=1)[:, -k] for n, d in out.items()}
 
 
+def _probe(out: dict, taps: list[str], bank: int, c: float) -> dict[str, np.ndarray]:
+    """-log p(prediction | taps) under a linear probe fitted on the first ``bank`` CAL rows,
+    with the model's predictions as labels (DkNN's question: do the earlier layers agree?)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    def feats(d, rows=slice(None)):
+        return np.concatenate([d["acts"][f"act_{t}"][rows] for t in taps], axis=1)
+    scaler = StandardScaler().fit(feats(out["CAL"], slice(0, bank)))
+    probe = LogisticRegression(C=c, max_iter=2000).fit(
+        scaler.transform(feats(out["CAL"], slice(0, bank))), out["CAL"]["logits"][:bank].argmax(1))
+    cols = {}
+    for n, d in out.items():
+        logp = probe.predict_log_proba(scaler.transform(feats(d)))
+        cols[n] = -logp[np.arange(len(logp)), d["logits"].argmax(1)]
+    return cols
+
+
 def _report(label: str, out: dict, col: dict[str, np.ndarray], mapping_rows: slice) -> None:
     """The candidate alone and max-ed with the shipped score (mapped on ``mapping_rows`` of CAL)."""
     cal = out["CAL"]
@@ -106,6 +126,9 @@ def main() -> None:
     for chosen in (taps[-1:], taps[-2:], taps):
         for k in (10, 50):
             _report(f"kNN k={k} {chosen}", out, _knn(out, chosen, k, bank), rows)
+    for chosen in (taps[-2:-1], taps[-3:-2], taps[-3:-1]):   # the taps before the penultimate
+        for c in (0.1, 1.0):
+            _report(f"probe C={c} {chosen}", out, _probe(out, chosen, bank, c), rows)
 
 
 if __name__ == "__main__":
