@@ -29,10 +29,21 @@ def progress(iterable, total: int | None, desc: str, enabled: bool):
 INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
 
 
+def _tensor(x: ArrayLike) -> torch.Tensor:
+    """``x`` as a tensor sharing its memory where torch can (it cannot for a reversed view,
+    ``x[::-1]``, which is copied)."""
+    if isinstance(x, np.ndarray):
+        return torch.as_tensor(x if all(st >= 0 for st in x.strides) else np.ascontiguousarray(x))
+    return torch.as_tensor(x)
+
+
 def as_input(x: ArrayLike) -> torch.Tensor:
     """A batch as the model receives it: signed integers are ids (token / category indices)
-    and become int64; anything else becomes float32 (uint8 included: pixel values, as before)."""
-    t = torch.as_tensor(np.asarray(x) if isinstance(x, np.ndarray) else x)
+    and become int64; uint8 are 0..255 pixels and become float32 / 255 (what the runtime does
+    with uint8, and torchvision's ToTensor); anything else becomes float32."""
+    t = _tensor(x)
+    if t.dtype == torch.uint8:
+        return t.float() / 255.0
     return t.long() if t.dtype in INDEX_DTYPES else t.float()
 
 
@@ -56,7 +67,7 @@ def iter_batches(
             check_labels(labels, n)
         if n == 0:
             raise ExportError("data is empty; pass at least one batch of ID samples.")
-        x_all = torch.as_tensor(np.asarray(data) if isinstance(data, np.ndarray) else data)
+        x_all = _tensor(data)
         y_all = None if labels is None else torch.as_tensor(np.asarray(labels)).long()
 
         def gen():
@@ -151,11 +162,14 @@ def load_data(data: str, split: str, limit: int | None) -> tuple[np.ndarray, np.
             raise InputError(f"{p}: no such file")
         try:
             with np.load(p, allow_pickle=False) as z:
-                if "x" not in z.files or "y" not in z.files:
-                    raise InputError(f"{p}: expected arrays 'x' and 'y', found {z.files}")
-                x, y = input_array(z["x"]), z["y"]
+                files = z.files
+                if "x" in files and "y" in files:
+                    x, y = input_array(z["x"]), z["y"]
         except (ValueError, OSError) as e:
             raise InputError(f"{p}: unreadable .npz ({e})") from None
+        if "x" not in files or "y" not in files:
+            raise InputError(f"{p}: expected arrays 'x' (inputs) and 'y' (labels), found {files}; "
+                             "save it with np.savez(path, x=..., y=...)")
         y = check_labels(y, len(x))   # before any split or cast could hide a mismatch
         if limit:
             x, y = x[:limit], y[:limit]

@@ -25,6 +25,7 @@ from ufad.runtime.errors import ExportError, opt
 from ufad.runtime.inputs import range_limits
 
 from .auto_layers import default_layers
+from .model_kinds import eager_layer_name, eager_model
 from .data import ArrayLike, Data, Rows, as_input, check_labels, check_tpr, input_array, iter_batches, progress
 from .onnx_export import PARITY_RTOL
 from .outputs import LogitsKey, parse_key, pick_logits
@@ -156,14 +157,13 @@ class Detector:
         logits: LogitsKey | str = None,
         range_policy: str = "auto",
     ):
-        if not isinstance(model, nn.Module):
-            raise ExportError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        model = eager_model(model)   # torch.compile's wrapper -> its eager module; TorchScript refused
         if range_policy not in RANGE_POLICIES:
             raise ExportError(f"{opt('range_policy')} must be one of {RANGE_POLICIES}, got {range_policy!r}")
         self.model = model
         self.logits = parse_key(logits)
         self.range_policy = range_policy
-        self.layers = None if layers is None else list(layers)
+        self.layers = None if layers is None else [eager_layer_name(l) for l in layers]
         if self.layers is not None:
             resolve_layers(model, self.layers)
         check_map_reduction(reduction)
@@ -241,6 +241,11 @@ class Detector:
                 with torch.no_grad():
                     capture.clear()
                     logits = pick_logits(run_model(self.model, x), self.logits)
+                    if logits.dim() > 2 and logits.is_floating_point() and all(d == 1 for d in logits.shape[2:]):
+                        raise ExportError(
+                            f"the model's logits have shape {tuple(logits.shape)} (a convolutional head); "
+                            "ufad needs them as [B, classes]: flatten them at the end of the model's "
+                            "forward (torch.flatten(out, 1)).")
                     if logits.dim() != 2 or not logits.is_floating_point():
                         raise ExportError(
                             f"the model's logits have shape {tuple(logits.shape)} ({logits.dtype}); "
@@ -406,6 +411,15 @@ class Detector:
         """
         self._require_fitted()
         check_tpr(tpr)
+        if isinstance(data, (np.ndarray, torch.Tensor)):
+            arr = data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
+            bad = 0 if arr.dtype.kind != "f" else int((~np.isfinite(arr.reshape(len(arr), -1))).any(axis=1).sum())
+            if bad:
+                # Their scores are +inf by the graph's rule: the threshold would ignore them, and
+                # the export's parity check would then run on them.
+                raise ExportError(
+                    f"the calibration data holds NaN or Inf values ({bad} of {len(arr)} samples); "
+                    "calibrate on finite ID inputs only (e.g. x[np.isfinite(x).reshape(len(x), -1).all(1)]).")
         scores = self.score(data, threshold=math.inf)[fmt.OUT_SCORE].astype(np.float64)
         if isinstance(data, (np.ndarray, torch.Tensor)):
             self.check_sample = input_array(data[:192])

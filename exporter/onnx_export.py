@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import io
 import logging
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -134,16 +135,28 @@ def _torch_export(module, example: torch.Tensor, names: list[str], verbose: bool
     except ExportError:
         raise
     except Exception as e:  # torch's own messages are long; keep the gist and the hint
-        msg = str(e).strip().splitlines()
         raise ExportError(
-            f"torch.onnx.export failed: {type(e).__name__}: {msg[0] if msg else ''}. "
-            "The model's forward must be traceable by torch.export (no data-dependent Python "
-            "control flow on tensor values). Run with verbose=True for the full log."
+            f"torch.onnx.export failed: {_gist(e)}. "
+            "The model's forward must be traceable by torch.export (typically: no Python control "
+            f"flow on tensor values). Pass {opt('verbose', True)} for torch's full log."
         ) from e
     model = program.model_proto
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load_from_string(model.SerializeToString())
     return model
+
+
+def _gist(e: BaseException) -> str:
+    """torch's error in one line: its first sentence, and the innermost cause it wraps (torch
+    puts the real reason, e.g. an unsupported operator, at the end of a chain)."""
+    def first(x: BaseException) -> str:
+        lines = re.sub(r"\x1b\[[0-9;]*m", "", str(x)).strip().splitlines()   # torch colours its text
+        line = lines[0] if lines else ""
+        return f"{type(x).__name__}: {line.removesuffix('Next steps:').strip()[:300]}"
+    root = e
+    while root.__cause__ is not None and root.__cause__ is not root:
+        root = root.__cause__
+    return first(e) if root is e else f"{first(e)} (cause: {first(root)})"
 
 
 def _set_threshold_default(model, threshold: float) -> None:

@@ -168,13 +168,18 @@ def run_model(model: nn.Module, x: torch.Tensor) -> Any:
         msg = str(e).strip().splitlines()
         first = msg[0][:300] if msg else ""
         dtype = "float32" if x.is_floating_point() else "int64"
-        hint = ""
-        if re.search(r"dtype|scalar type|Long|Float|Int\b|Double", first):   # a type mismatch, not a shape one
-            hint = ("integer data are passed to the model as int64 ids; if it reads values, pass "
-                    "floats (x.astype(np.float32))." if dtype == "int64" else
-                    "a model with an embedding reads integer ids: pass them as an integer array "
-                    "(x.astype(np.int64)), not floats.")
-        advice = hint or "pass data shaped like the model's training input, [N, C, H, W] for a CNN."
+        if isinstance(e, TypeError) and re.search(r"missing \d+ required|positional argument", first):
+            advice = ("ufad calls the model with one tensor, model(x); a forward that needs more "
+                      "(an attention mask, lengths) must be wrapped in a module that computes them from x.")
+        elif re.search(r"dtype|scalar type|input type|\blong\b|\bfloat\b|\bint\b|double", first, re.I):
+            # a type mismatch, not a shape one
+            advice = ("signed integer data are passed to the model as int64 ids; if it reads values, "
+                      "pass floats (x.astype(np.float32))." if dtype == "int64" else
+                      "a model with an embedding reads integer ids: pass them as an integer array "
+                      "(x.astype(np.int64)), not floats.")
+        else:
+            advice = ("pass the one tensor the model's forward takes, shaped like its training input "
+                      "([N, C, H, W] for a CNN, [N, L] ids for a text model).")
         raise ExportError(
             f"the model fails on data of shape (N, {', '.join(map(str, x.shape[1:]))}) and dtype {dtype} "
             f"({type(e).__name__}: {first}); {advice}"
@@ -328,6 +333,7 @@ def resolve_taps(model: nn.Module, layers: Sequence[str], example: torch.Tensor,
     check_map_reduction(map_reduction)
     resolve_layers(model, layers)
     records, _ = probe(model, example)
+    n = len(example[:PROBE_SAMPLES])   # the batch size probe() ran
     by_name = {r.name: r for r in records}
     taps = []
     for spec in layers:
@@ -361,10 +367,22 @@ def resolve_taps(model: nn.Module, layers: Sequence[str], example: torch.Tensor,
         if red not in ALLOWED[kind] and red != "flatten":
             raise ExportError(f"tap {spec!r}: reduction {red!r} does not fit a {kind} output of shape "
                               f"{shape}; choose one of {list(ALLOWED[kind])}.")
-        time_major = kind == "sequence" and not getattr(rec.module, "batch_first", True)
+        time_major = kind in ("sequence", "tokens") and is_time_major(rec.module, shape, n)
         channel_last = kind == "map" and tap.point == "output" and rec.channel_last
         taps.append(Tap(spec, tap.module, tap.point, red, time_major, channel_last))
     return taps
+
+
+def is_time_major(module: nn.Module, shape: Sequence[int] | None, n: int) -> bool:
+    """Whether a 3-D sequence / token tensor is ``[T, B, D]`` (an RNN or a torch transformer
+    layer without ``batch_first``): told by the axis holding the probe's ``n`` samples, and
+    where both could, by the module's own ``batch_first`` (default: batch first)."""
+    if shape is None or len(shape) != 3:
+        return False
+    if (shape[0] == n) != (shape[1] == n):
+        return shape[1] == n
+    flags = [m.batch_first for m in module.modules() if isinstance(getattr(m, "batch_first", None), bool)]
+    return bool(flags) and not flags[0]
 
 
 def _with_default(tap: Tap, reduction: str) -> Tap:

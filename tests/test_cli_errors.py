@@ -162,7 +162,7 @@ def test_export_option_errors_come_before_any_work(user_models, extra, match):
     ("length_mismatch", r"data has \d+ samples but labels has \d+"),
     ("wrong_shape", r"the model fails on data of shape \(N, 784\)"),
     ("few_of_a_class", r"class\(es\) \[3\] have fewer than --min-points=20 samples"),
-    ("no_y", r"expected arrays 'x' and 'y'"),
+    ("no_y", r"expected arrays 'x' \(inputs\) and 'y' \(labels\)"),
 ])
 def test_bad_fitting_data_is_one_line(user_models, case, match):
     """The README's 'data problems' rows, through the CLI with an .npz."""

@@ -54,8 +54,10 @@ def _check_inputs(path: str, sample_shape: tuple[int, ...]) -> np.ndarray:
               help="Largest float difference the parity check accepts, relative to each output's magnitude.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--verbose", is_flag=True, help="Print torch.export's full log (when the model does not trace).")
 def export_command(model_spec, data, output, weights, calib_data, method, layers, reduction, logits,
-                   range_policy, tpr, limit, simplify, check_data, parity_rtol, seed, quiet, **method_options):
+                   range_policy, tpr, limit, simplify, check_data, parity_rtol, seed, quiet, verbose,
+                   **method_options):
     """Fit a detector for MODEL (package.module:factory; this RUNS that code) on ID data
     and write it as one self-contained .onnx file. Method options (below --quiet) come from
     the detectors themselves; each says which methods take it."""
@@ -104,7 +106,7 @@ def export_command(model_spec, data, output, weights, calib_data, method, layers
     det.fit(x, y)
     det.calibrate(xc, tpr=tpr, source=f"{calib_data or data} held-out split ({len(xc)} samples)")
     check = _check_inputs(check_data, x.shape[1:]) if check_data else xc[:192]
-    rep = det.export(output, simplify=simplify, check_inputs=check, parity_rtol=parity_rtol)
+    rep = det.export(output, simplify=simplify, check_inputs=check, parity_rtol=parity_rtol, verbose=verbose)
     extra = det.layer_score_names()[len(det.layers):] if det.layers else []   # e.g. a consistency column
     click.echo(
         f"wrote {rep.path} ({rep.size_bytes / 1e6:.2f} MB): method={method} layers={det.layers} "

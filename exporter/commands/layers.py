@@ -40,14 +40,16 @@ def layers_command(model_spec, data, input_shape, weights, logits, show_all):
     import torch
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
+    from ..model_kinds import eager_model
     from ..model_loading import load_factory, load_weights
     from ..outputs import parse_key
     from ..auto_layers import choose
-    from ..taps import DEFAULTS, LONE_OPS
+    from ..taps import DEFAULTS, LONE_OPS, PROBE_SAMPLES, is_time_major
 
     x = _example(data, input_shape)
-    model = load_factory(model_spec)
+    model = eager_model(load_factory(model_spec))
     if weights:
         load_weights(model, weights)
     model.eval()
@@ -59,18 +61,23 @@ def layers_command(model_spec, data, input_shape, weights, logits, show_all):
                              f"that reads ids, pass {opt('data')} with an .npz whose x holds integer ids.") from None
         raise
     chosen = c.layers
-    table = Table(title=f"{model_spec}: {c.family} (automatic: {', '.join(chosen) or 'none'}; the uniform detector "
-                          "adds @sqrt_softmax and @energy)")
+    # Text, not a str: a spec such as pkg:cancer must not become markup or an emoji
+    table = Table(title=Text(f"{model_spec}: {c.family} (automatic: {', '.join(chosen) or 'none'}; the uniform "
+                             "detector adds @sqrt_softmax and @energy)"))
     for col in ("", "module", "type", "output", "kind", "reduction"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")   # long module names wrap, never cut to "bert.enc…"
     seen = set()
     for r in sorted(c.records, key=lambda r: r.order):
         if r.name in seen or (not show_all and isinstance(r.module, LONE_OPS) and r.name not in chosen):
             continue
         seen.add(r.name)
-        shape = "x".join(str(d) for d in r.out_shape[1:]) if r.out_shape else r.out_type
+        kind, shape = r.kind or "-", r.out_type
+        if r.out_shape:
+            major = r.kind in ("tokens", "sequence") and is_time_major(r.module, r.out_shape, min(len(x), PROBE_SAMPLES))
+            shape = "x".join(str(d) for i, d in enumerate(r.out_shape) if i != (1 if major else 0))
+            kind += " (time-major)" if major else ""
         table.add_row("*" if r.name in chosen else "", r.name, type(r.module).__name__, shape,
-                      r.kind or "-", DEFAULTS.get(r.kind or "", "-"))
+                      kind, DEFAULTS.get(r.kind or "", "-"))
     for spec in chosen:
         if spec.endswith("#in"):
             table.add_row("*", spec, "(input of the head)", "", "vector", "none")

@@ -259,10 +259,17 @@ class UniformDetector(Detector):
             raise ExportError("the uniform detector needs at least one monitored layer.")
         missing = [c for c in range(self.num_classes) if len(keys.get(c, ())) < self.min_points]
         if missing:
+            top = max(keys, default=-1)   # the largest class with fitting samples
+            features = (self.num_classes > 2 * (top + 1)
+                        and set(range(top + 1, self.num_classes)) <= set(missing))
             raise ExportError(
                 f"class(es) {_ids(missing)} have fewer than {opt('min_points')}={self.min_points} "
                 f"correctly classified fitting samples; add data for them, lower {opt('min_points')}, "
                 "or check that the labels match the model's outputs."
+                + (f" The model returns {self.num_classes} values per input and no class above {top} "
+                   "has samples: if those are features, not logits (a classifier replaced by "
+                   "nn.Identity), ufad needs the model that returns one logit per class."
+                   if features else "")
             )
         held: dict[int, list[np.ndarray]] = {}
         for c in list(kept):

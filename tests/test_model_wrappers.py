@@ -1,0 +1,217 @@
+"""Models as users hand them over, found by the session-17 sweep: a torch.compile wrapper,
+TorchScript and quantized modules, uint8 pixels, NaN in the calibration data, and a
+transformer without ``batch_first`` (torch's default, [T, B, D] between layers). Each once
+gave a traceback, a late misleading refusal, or a silently wrong detector."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ufad.exporter import UniformDetector
+from ufad.exporter.eval import metrics
+from ufad.runtime import AnomalySession
+from ufad.runtime.errors import ExportError
+
+REFERENCE_LAYERS = ["block1", "block2", "block3", "penultimate", "@sqrt_softmax", "@energy"]
+
+
+@pytest.fixture(scope="module")
+def data(mnist):
+    x, y = mnist["train"]
+    return x[:2000], y[:2000]
+
+
+def test_a_compiled_model_is_fitted_through_its_eager_module(reference_model, data):
+    compiled = torch.compile(reference_model)   # a wrapper: nothing is compiled until it runs
+    det = UniformDetector(compiled, progress=False).fit(*data)
+    # the hooks see the eager modules (the compiled forward would bypass them: the input was
+    # watched instead, as '_orig_mod#in')
+    assert det.layers == REFERENCE_LAYERS and det.model is reference_model
+    named = UniformDetector(compiled, ["_orig_mod.block2", "@energy"], progress=False)
+    assert named.layers == ["block2", "@energy"]      # the wrapper's spelling of the names works too
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+
+
+@pytest.mark.parametrize("kind", ["script", "trace", "quantized", "scripted_part"])
+def test_torchscript_and_quantized_models_are_refused_before_anything_runs(kind):
+    model = _mlp()
+    if kind == "script":
+        model, match = torch.jit.script(model), r"the model is a TorchScript module.*pass the nn.Module before scripting"
+    elif kind == "trace":
+        model, match = torch.jit.trace(model, torch.zeros(2, 1, 28, 28)), r"the model is a TorchScript module"
+    elif kind == "scripted_part":
+        model[1] = torch.jit.script(model[1])
+        match = r"the model holds TorchScript modules \(1\)"
+    else:
+        with pytest.warns(Warning):   # torch deprecates eager quantization; users still have such models
+            model = torch.ao.quantization.quantize_dynamic(model, {nn.Linear})
+        match = r"holds quantized modules \(1: Linear, 3: Linear\).*export the float32 model"
+    with pytest.raises(ExportError, match=match):
+        UniformDetector(model, progress=False)
+
+
+def test_a_scripted_model_on_the_cli_is_one_line_not_a_traceback(tmp_path):
+    (tmp_path / "scripted_net.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "def build():\n"
+        "    return torch.jit.script(nn.Sequential(nn.Flatten(), nn.Linear(784, 10)).eval())\n")
+    for cmd in (["layers", "scripted_net:build", "--input-shape", "1,28,28"],
+                ["export", "scripted_net:build", "--data", "mnist", "-o", str(tmp_path / "d.onnx")]):
+        proc = subprocess.run([sys.executable, "-m", "ufad.runtime.cli", *cmd], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert "TorchScript module" in proc.stderr
+
+
+def test_uint8_images_are_fitted_as_pixels_over_255(reference_model, data, mnist, tmp_path):
+    x, y = data
+    as_bytes = np.round(x * 255).astype(np.uint8)
+    held = mnist["valid"][0][:600]
+    det = UniformDetector(reference_model, progress=False).fit(as_bytes, y).calibrate(np.round(held * 255).astype(np.uint8))
+    assert det.input_range[0] == 0.0 and 0.99 <= det.input_range[1] <= 1.0   # what the model saw: not [0, 255]
+    det.export(tmp_path / "d.onnx")
+    sess = AnomalySession(tmp_path / "d.onnx", provider="cpu")
+    test = mnist["test"][0][:300]
+    r_bytes, r_float = sess.run(np.round(test * 255).astype(np.uint8)), sess.run(np.round(test * 255) / np.float32(255))
+    np.testing.assert_allclose(r_bytes.score, r_float.score, rtol=1e-5, atol=1e-5)
+    assert r_bytes.is_anomaly.mean() <= 0.12          # calibrated to accept 95% of held-out digits
+    noise = np.random.default_rng(0).integers(0, 256, (300, 1, 28, 28), dtype=np.uint8)
+    assert sess.run(noise).is_anomaly.mean() >= 0.95
+
+
+def test_nan_in_the_calibration_data_is_refused(reference_model, data, mnist):
+    det = UniformDetector(reference_model, ["block3", "penultimate"], progress=False).fit(*data)
+    held = mnist["valid"][0][:300].copy()
+    held[[5, 70], 0, 3, 3] = np.nan
+    with pytest.raises(ExportError, match=r"calibration data holds NaN or Inf values \(2 of 300 samples\)"):
+        det.calibrate(held)
+    assert det.calibration is None
+
+
+class TimeMajorTransformer(nn.Module):
+    """torch's own encoder with its default ``batch_first=False``: [T, B, D] between layers."""
+
+    def __init__(self, vocab: int = 17, d: int = 32, classes: int = 10):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.randn(64, 1, d))
+        layer = nn.TransformerEncoderLayer(d, 2, 64, dropout=0.0)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:   # [B, 64] ids
+        h = self.encoder(self.emb(ids.t()) + self.pos)        # [64, B, D]
+        return self.head(h.mean(0))
+
+
+@pytest.fixture(scope="module")
+def digit_tokens():
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    perm = np.random.default_rng(0).permutation(len(x))
+    return x[perm].astype(np.int64), y[perm]
+
+
+def test_a_time_major_transformer_reduces_over_time_not_over_the_batch(digit_tokens, tmp_path):
+    x, y = digit_tokens
+    torch.manual_seed(0)
+    model = TimeMajorTransformer()
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(15):   # ~0.3 s an epoch; 84% test accuracy
+        for i in range(0, 1200, 50):
+            loss = nn.functional.cross_entropy(model(torch.as_tensor(x[i:i + 50])), torch.as_tensor(y[i:i + 50]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    det = UniformDetector(model, progress=False, batch_size=64).fit(x[:1200], y[:1200]).calibrate(x[1200:1500])
+    assert det.layers[:2] == ["encoder.layers.0", "encoder.layers.1"], det.layers
+    assert [t.time_major for t in det.taps[:2]] == [True, True]
+    # one sample's score does not depend on the others in its batch (a reduction over axis 1
+    # of [T, B, D] averaged the batch: a crash, or with B == T a silently mixed score)
+    test = x[1500:1564]
+    forward, backward = det.score(test)["score"], det.score(test[::-1])["score"][::-1]
+    np.testing.assert_allclose(forward, backward, rtol=1e-4, atol=1e-4)
+    det.export(tmp_path / "tm.onnx")
+    sess = AnomalySession(tmp_path / "tm.onnx", provider="cpu")
+    res = sess.run(x[1500:])
+    assert np.mean(res.pred == y[1500:]) >= 0.75
+    np.testing.assert_allclose(sess.run(x[1500]).score, res.score[:1], rtol=1e-4, atol=1e-4)
+    noise = sess.run(np.random.default_rng(1).integers(0, 17, (300, 64)))
+    # AUROC, higher score = more anomalous, random tokens positive: the time-major taps see
+    # each sample's own tokens (the first block alone: 0.9998 when written). The max over the
+    # five columns is weaker on this model (0.91, 45% of the noise flagged): the other columns'
+    # ID tails set the threshold.
+    assert metrics.auroc(res.layer_scores[:, 0], noise.layer_scores[:, 0]) >= 0.99
+    assert metrics.auroc(res.score, noise.score) >= 0.88 and res.is_anomaly.mean() <= 0.15
+
+
+class _Branchy(nn.Module):
+    """A forward with Python control flow on a tensor's value: torch.export cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        if h.sum() > 0:
+            h = h * 2
+        return self.fc2(h) + 10 * x[:, :3]   # balanced classes: the first three features decide
+
+
+class _NeedsMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x, mask):
+        return self.fc(x * mask)
+
+
+class _ConvHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 10, 28)   # logits [B, 10, 1, 1]
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_messages_for_models_ufad_cannot_take_say_what_to_change(tmp_path, data):
+    rng = np.random.default_rng(0)
+    x = rng.random((600, 8)).astype(np.float32)
+    torch.manual_seed(0)
+    branchy = _Branchy().eval()
+    with torch.no_grad():
+        y = branchy(torch.as_tensor(x)).argmax(1).numpy()
+    det = UniformDetector(branchy, ["fc1"], progress=False, min_points=5).fit(x[:400], y[:400]).calibrate(x[400:])
+    with pytest.raises(ExportError) as err:
+        det.export(tmp_path / "b.onnx")
+    text = str(err.value)
+    # torch's terminal colours are gone, its real reason is kept, and the option exists
+    assert "\x1b" not in text and "(cause: " in text and "verbose=True" in text, text
+    with pytest.raises(ExportError, match=r"calls the model with one tensor, model\(x\).*attention mask"):
+        UniformDetector(_NeedsMask().eval(), progress=False).fit(x[:100], y[:100])
+    with pytest.raises(ExportError, match=r"shape \(256, 10, 1, 1\) \(a convolutional head\).*torch.flatten\(out, 1\)"):
+        UniformDetector(_ConvHead().eval(), progress=False).fit(*data)
+
+
+def test_an_npz_with_other_keys_is_named_not_called_unreadable(tmp_path):
+    from ufad.exporter.data import load_data
+    from ufad.runtime.errors import InputError
+
+    np.savez(tmp_path / "d.npz", images=np.zeros((4, 2), np.float32), labels=np.zeros(4, np.int64))
+    with pytest.raises(InputError, match=r"expected arrays 'x' \(inputs\) and 'y' \(labels\), found \['images', 'labels'\]; save it with np.savez") as err:
+        load_data(str(tmp_path / "d.npz"), "train", None)
+    assert "unreadable" not in str(err.value)
