@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ufad.runtime import format as fmt
-from ufad.runtime.errors import ExportError, opt
+from ufad.runtime.errors import ExportError, capped, opt
 from ufad.runtime.inputs import range_limits
 
 from .auto_layers import default_layers
@@ -190,9 +190,8 @@ class Detector:
         if training:
             # A submodule left in training mode would update batch-norm statistics during the
             # fit and make dropout random: the regions would describe another model.
-            shown = ", ".join(training[:8]) + (f", ... ({len(training)} in all)" if len(training) > 8 else "")
             raise ExportError(
-                f"the model is in training mode ({shown}: dropout / batch-norm statistics would make "
+                f"the model is in training mode ({capped(training, 8)}: dropout / batch-norm statistics would make "
                 "activations random); call model.eval() before fitting or exporting."
             )
         dtypes = sorted({str(t.dtype).replace("torch.", "") for t in self.model.parameters() if t.is_floating_point()}
@@ -338,9 +337,14 @@ class Detector:
     def module(self) -> DetectorModule:
         """The export module (model + capture hooks + head). Call ``.capture.remove()`` when done."""
         self._require_fitted()
-        ids = self.input_range if self.input_dtype == "int64" else None
         return DetectorModule(self.model, self.taps, self.head(), self.logits, self._flag_limits(),
-                              None if ids is None else (int(ids[0]), int(ids[1]))).eval()
+                              self._id_range()).eval()
+
+    def _id_range(self) -> tuple[int, int] | None:
+        """The ids seen at fit, which the graph clamps integer inputs into (None: float inputs)."""
+        if self.input_dtype != "int64":
+            return None
+        return int(self.input_range[0]), int(self.input_range[1])
 
     def input_spec(self) -> fmt.InputSpec:
         """The input spec recorded in the file (shape, dtype, value range, range policy)."""
@@ -366,9 +370,8 @@ class Detector:
         self._require_fitted()
         try:
             model64 = copy.deepcopy(self.model).double()
-            ids = self.input_range if self.input_dtype == "int64" else None
             mod = DetectorModule(model64, self.taps, self.head(), self.logits, self._flag_limits(),
-                                 None if ids is None else (int(ids[0]), int(ids[1]))).eval()
+                                 self._id_range()).eval()
         except Exception:
             return None
         try:

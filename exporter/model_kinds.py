@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ufad.runtime.errors import ExportError
+from ufad.runtime.errors import ExportError, capped
 
 #: the name prefix torch.compile gives the wrapped model's modules (``_orig_mod.layer1``)
 COMPILED_PREFIX = "_orig_mod."
@@ -34,7 +34,7 @@ def eager_model(model: object) -> nn.Module:
     scripted = _outermost(n for n, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule))
     if scripted:
         what = ("the model is a TorchScript module" if scripted == ["(the model)"]
-                else f"the model holds TorchScript modules ({_listed(scripted)})")
+                else f"the model holds TorchScript modules ({capped(scripted, 4)})")
         raise ExportError(
             f"{what}, made by torch.jit.script or torch.jit.trace. ufad taps the layers of an eager model and exports it with torch.export, "
             "which TorchScript supports neither; pass the nn.Module before scripting, with its weights.")
@@ -42,7 +42,7 @@ def eager_model(model: object) -> nn.Module:
     quantized = [f"{n}: {kinds.get(n if n != '(the model)' else '', '')}" for n in _outermost(kinds)]
     if quantized:
         raise ExportError(
-            f"the model holds quantized modules ({_listed(quantized)}); torch.export cannot export them "
+            f"the model holds quantized modules ({capped(quantized, 4)}); torch.export cannot export them "
             "to ONNX. Fit and export the float32 model (before quantize_dynamic / convert): the detector "
             "is fitted on its activations and the file is float32.")
     return model
@@ -60,12 +60,8 @@ def _outermost(names) -> list[str]:
     """``names`` without those inside another one (``fc._packed_params`` when ``fc`` is listed)."""
     kept: list[str] = []
     for n in names:
-        if n == "" or not any(n.startswith(k + ".") for k in kept):
-            kept.append(n)
         if n == "":
             return ["(the model)"]
+        if not any(n.startswith(k + ".") for k in kept):
+            kept.append(n)
     return kept
-
-
-def _listed(names: list[str], limit: int = 4) -> str:
-    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")

@@ -239,9 +239,7 @@ def _channel_last(name: str, module: nn.Module, t: torch.Tensor, before: list["R
     if t.dim() != 4 or t.shape[1] == t.shape[-1]:
         return False
     last = _last_weighted(name, module, before)
-    width = (last.out_features if isinstance(last, nn.Linear) else
-             last.normalized_shape[-1] if isinstance(last, nn.LayerNorm) else None)
-    return width == t.shape[-1]
+    return isinstance(last, (nn.Linear, nn.LayerNorm)) and _width(last) == t.shape[-1]
 
 
 def _width(m: nn.Module) -> int | None:

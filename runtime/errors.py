@@ -34,6 +34,13 @@ def opt(name: str, value: Any = NO_VALUE) -> str:
     return f"{_OPEN}{name}{_SEP}{json.dumps(value)}{_CLOSE}"
 
 
+def capped(items, limit: int) -> str:
+    """``items`` comma-separated for a message, the first ``limit`` of them and the count
+    when there are more (a 1000-class model can miss hundreds of classes)."""
+    items = [str(i) for i in items]
+    return ", ".join(items[:limit]) + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+
+
 def python_style(name: str, value: Any) -> str:
     """``name`` or ``name='value'``: how a Python caller passes the option."""
     return name if value is NO_VALUE else f"{name}={value!r}"

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ufad.runtime.errors import ExportError, opt
+from ufad.runtime.errors import ExportError, capped, opt
 
 from .. import boundaries
 from ..taps import ENERGY, OUTPUT_TAPS, SOFTMAX, SOFTMAX_TOP, run_model
@@ -87,8 +87,7 @@ def _inputs(region: nn.Module, li: int, fs: Sequence[np.ndarray]) -> list[torch.
 
 def _ids(ids: Sequence[int], cap: int = 12) -> str:
     """A list of class ids for a message, capped (a 1000-class model can miss hundreds)."""
-    shown = ", ".join(str(i) for i in ids[:cap])
-    return f"[{shown}{f', ... ({len(ids)} in all)' if len(ids) > cap else ''}]"
+    return f"[{capped(ids, cap)}]"
 
 
 def _log_probabilities(logits: torch.Tensor) -> bool:
