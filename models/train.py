@@ -32,6 +32,19 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch: int = 1000) 
     return correct / len(x)
 
 AUGMENTATIONS = ("shift", "crop_flip", "crop_flip_noise")   # what augment() knows, in one place
+LOSSES = ("ce", "rce")
+
+
+def rce_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Reverse cross-entropy (Pang et al., NeurIPS 2018, "Towards Robust Detection of Adversarial
+    Examples"): softmax(-logits) is trained towards the reversed label (0 on the true class,
+    1 / (C - 1) on every other), so the model's own ``logits`` still predict by argmax and the
+    non-maximal entries of its softmax are pushed to be uniform on ID data, which makes
+    adversarial inputs stand out in the feature space the detector monitors."""
+    c = logits.shape[1]
+    target = torch.full_like(logits, 1.0 / (c - 1))
+    target.scatter_(1, y.view(-1, 1), 0.0)
+    return -(target * torch.log_softmax(-logits, dim=1)).sum(dim=1).mean()
 
 
 def augment(xb: torch.Tensor, rng: np.random.Generator, kind: str) -> torch.Tensor:
@@ -63,7 +76,7 @@ def augment(xb: torch.Tensor, rng: np.random.Generator, kind: str) -> torch.Tens
 
 
 def train(name: str, epochs: int, lr: float, batch: int, seed: int, out: Path | None,
-          log: bool = False, augment_kind: str | None = None) -> dict:
+          log: bool = False, augment_kind: str | None = None, loss: str | None = None) -> dict:
     """Train model module ``ufad.models.<name>`` and save its weights; returns a summary."""
     from safetensors.torch import save_file
     from tqdm import tqdm
@@ -79,7 +92,8 @@ def train(name: str, epochs: int, lr: float, batch: int, seed: int, out: Path | 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * (len(x) // batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_kind = loss or getattr(mod, "LOSS", "ce")
+    loss_fn = rce_loss if loss_kind == "rce" else nn.CrossEntropyLoss()
     t0 = time.time()
     for epoch in range(epochs):
         model.train()
@@ -104,7 +118,8 @@ def train(name: str, epochs: int, lr: float, batch: int, seed: int, out: Path | 
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out))
     summary = {"model": name, "epochs": epochs, "seed": seed, "test_accuracy": acc,
-               "train_seconds": round(time.time() - t0, 1), "weights": out.name, "augment": kind}
+               "train_seconds": round(time.time() - t0, 1), "weights": out.name, "augment": kind,
+               "loss": loss_kind}
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -120,12 +135,14 @@ def main() -> None:
     p.add_argument("--log", action="store_true", help="print validation accuracy after every epoch")
     p.add_argument("--augment", default=None, choices=AUGMENTATIONS,
                    help="training augmentation (default: the model module's AUGMENT)")
+    p.add_argument("--loss", default=None, choices=LOSSES,
+                   help="training loss (default: the model module's LOSS, else ce)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (1 is fastest on a busy shared CPU)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    print(json.dumps(train(a.model, a.epochs, a.lr, a.batch, a.seed, a.out, a.log, a.augment), indent=2))
+    print(json.dumps(train(a.model, a.epochs, a.lr, a.batch, a.seed, a.out, a.log, a.augment, a.loss), indent=2))
 
 
 if __name__ == "__main__":

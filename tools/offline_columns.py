@@ -11,7 +11,9 @@ more anomalous; anomaly positive), the candidate alone, and the benign false ala
 threshold accepting 95% of held-out ID. Candidates: confidence columns from the logits (MSP,
 logit margin, entropy), class-agnostic cosine kNN over the taps' activations, and layer
 agreement probes (a logistic regression from an earlier tap to the model's own prediction,
-fitted on ID with no labels; column = -log p_probe(predicted class)).
+fitted on ID with no labels; column = -log p_probe(predicted class)), and kNN distances
+conditioned on the prediction (to the predicted class's correctly classified training points,
+or to those whose top two classes are the input's, in the whitened penultimate space).
 """
 
 from __future__ import annotations
@@ -52,6 +54,62 @@ def _outputs(setup: str, cache: Path) -> dict:
                      "acts": {k: v.astype(np.float64) for k, v in r.activations.items()}}
     path.write_bytes(pickle.dumps(out))
     return out
+
+
+def _fit_outputs(setup: str, cache: Path) -> dict:
+    """The shipped detector's logits and activations on the whole train split, with labels."""
+    path = cache / f"offline_fit_{setup}.pkl"
+    if path.exists():
+        return pickle.loads(path.read_bytes())
+    from ufad.models import datasets
+    from ufad.runtime import AnomalySession
+
+    x, y = datasets.load(ev.load_setup(setup)[1], "train")
+    sess = AnomalySession(cache / f"offline_{setup}.onnx", provider="cpu", threads=2)
+    runs = [sess.run(x[i:i + 1000], activations=True) for i in range(0, len(x), 1000)]
+    out = {"y": y, "logits": np.concatenate([r.logits for r in runs]).astype(np.float64),
+           "acts": {k: np.concatenate([r.activations[k] for r in runs]).astype(np.float64) for k in runs[0].activations}}
+    path.write_bytes(pickle.dumps(out))
+    return out
+
+
+def _conditional_knn(out: dict, fit: dict, taps: list[str], k: int, pair: bool, per_class: int = 2000) -> dict[str, np.ndarray]:
+    """Distance to the k-th nearest correctly classified training point of the predicted class
+    (``pair``: of the same top-two classes, where >= 4k such points exist), after whitening
+    with the class-centred tied covariance (as the shipped penultimate layer is)."""
+    def feats(d):
+        return np.concatenate([d["acts"][f"act_{t}"] for t in taps], axis=1)
+
+    def top2(logits):
+        order = np.argsort(-logits, axis=1)
+        return order[:, 0], order[:, 1]
+    ok = fit["logits"].argmax(1) == fit["y"]
+    f, (p, r) = feats(fit)[ok], top2(fit["logits"][ok])
+    classes = range(fit["logits"].shape[1])
+    centred = f - np.stack([f[p == c].mean(0) for c in classes])[p]
+    cov = centred.T @ centred / len(f)
+    w, v = np.linalg.eigh(cov + 0.01 * np.trace(cov) / len(cov) * np.eye(len(cov)))
+    a = v / np.sqrt(w)
+    wf = f @ a
+    rng = np.random.default_rng(0)
+    banks = {c: wf[p == c][rng.permutation(int((p == c).sum()))[:per_class]] for c in classes}
+
+    def kth(x, bank):
+        d2 = (x ** 2).sum(1)[:, None] - 2 * x @ bank.T + (bank ** 2).sum(1)[None]
+        return np.sqrt(np.maximum(np.sort(d2, axis=1)[:, k - 1], 0.0))
+    cols = {}
+    for n, d in out.items():
+        x, (pd, rd) = feats(d) @ a, top2(d["logits"])
+        col = np.zeros(len(x))
+        for c in classes:
+            for c2 in (classes if pair else [None]):
+                rows = (pd == c) & ((rd == c2) if pair else True)
+                if rows.any():
+                    same = (p == c) & (r == c2) if pair else None
+                    bank = wf[same] if pair and same.sum() >= 4 * k else banks[c]
+                    col[rows] = kth(x[rows], bank)
+        cols[n] = col
+    return cols
 
 
 def _confidence(d: dict) -> dict[str, np.ndarray]:
@@ -129,6 +187,12 @@ def main() -> None:
     for chosen in (taps[-2:-1], taps[-3:-2], taps[-3:-1]):   # the taps before the penultimate
         for c in (0.1, 1.0):
             _report(f"probe C={c} {chosen}", out, _probe(out, chosen, bank, c), rows)
+    fit = _fit_outputs(a.setup, a.cache)
+    for chosen in (taps[-1:], taps[-2:], taps[-1:] + ["_sqrt_softmax"]):   # penultimate (+ layer3 / output layer)
+        for k in (5, 20):
+            for pair in (False, True):
+                _report(f"{'pair' if pair else 'class'} kNN k={k} {chosen}", out,
+                        _conditional_knn(out, fit, chosen, k, pair), rows)
 
 
 if __name__ == "__main__":
