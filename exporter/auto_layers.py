@@ -25,6 +25,7 @@ from torch import nn
 
 from ufad.runtime.errors import ExportError, opt
 
+from .model_kinds import is_a
 from .taps import LONE_OPS, PROBE_SAMPLES, ActivationCapture, Record, has_weights, probe, run_model
 
 #: at most this many hidden taps of one family are chosen automatically
@@ -86,7 +87,7 @@ def _head(records: list[Record], logits: torch.Tensor) -> tuple[str | None, floa
     if not head.in_ids:
         return None, head.order
     feeders = [r for r in records if r.out_id == head.in_ids[0] and r.order < head.order]
-    useful = [r for r in feeders if not isinstance(r.module, (nn.Dropout, nn.Identity, nn.Flatten))]
+    useful = [r for r in feeders if not is_a(r.module, (nn.Dropout, nn.Identity, nn.Flatten))]
     first = min((r.order for r in feeders), default=head.order)
     if useful:
         # the last module to finish with that tensor: after in-place activations, outermost
@@ -115,7 +116,7 @@ def _stages(records: list[Record], x_shape: tuple[int, ...], head_order: int) ->
         prefix = parent + "." if parent else ""
         kids = [r for n, r in last.items() if n.startswith(prefix) and "." not in n[len(prefix):]]
         return sorted((r for r in kids if r.kind == "map" and r.out_shape != x_shape
-                       and not isinstance(r.module, LONE_OPS) and _computes(r)), key=lambda r: r.order)
+                       and not is_a(r.module, LONE_OPS) and _computes(r)), key=lambda r: r.order)
 
     def holders(parent: str) -> list[str]:   # children whose subtree makes the feature maps
         prefix = parent + "." if parent else ""
@@ -174,7 +175,7 @@ def _blocks(records: list[Record], head_order: int) -> list[str]:
     seq = min(stacks, key=lambda v: (v[0].depth, -len(v)))
     picks = [r.name for r in _evenly(seq, 3)]
     end = max(r.order for r in seq)
-    norms = [r for r in toks if r.order > end and isinstance(r.module, nn.LayerNorm)]
+    norms = [r for r in toks if r.order > end and is_a(r.module, nn.LayerNorm)]
     if norms:
         picks.append(norms[-1].name)
     return picks
@@ -183,7 +184,7 @@ def _blocks(records: list[Record], head_order: int) -> list[str]:
 def _hidden_vectors(records: list[Record], head_order: int, penultimate: str | None) -> list[str]:
     """MLPs: the hidden activations before the head (the last three)."""
     acts = [r for r in records if r.kind == "vector" and r.order < head_order
-            and isinstance(r.module, _ACTIVATIONS) and r.name != penultimate]
+            and is_a(r.module, _ACTIVATIONS) and r.name != penultimate]
     return [r.name for r in acts[-3:]]
 
 

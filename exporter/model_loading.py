@@ -16,9 +16,12 @@ from torch import nn
 
 from ufad.runtime.errors import ExportError
 
+from .model_kinds import eager_model, is_exported_program
+
 
 def load_factory(spec: str) -> nn.Module:
-    """Import ``module:callable`` (cwd is importable) and call it; returns an nn.Module."""
+    """Import ``module:callable`` (cwd is importable) and call it; returns an nn.Module (a
+    ``torch.export`` program's module tree when it returns one, ``model_kinds.eager_model``)."""
     if ":" not in spec:
         raise ExportError(f"model {spec!r} must look like package.module:factory, e.g. ufad.models.mnist_cnn:pretrained")
     mod_name, attr = spec.split(":", 1)
@@ -39,8 +42,11 @@ def load_factory(spec: str) -> nn.Module:
         model = fn() if callable(fn) and not isinstance(fn, nn.Module) else fn
     except Exception as e:
         raise ExportError(f"{spec}() raised {type(e).__name__}: {e}") from e
+    if is_exported_program(model):   # a torch.export program: its layers, rebuilt as modules
+        return eager_model(model)
     if not isinstance(model, nn.Module):
-        raise ExportError(f"{spec} returned {type(model).__name__}, expected a torch.nn.Module")
+        raise ExportError(f"{spec} returned {type(model).__name__}, expected a torch.nn.Module "
+                          "or a torch.export program")
     return model
 
 

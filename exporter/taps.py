@@ -42,6 +42,8 @@ from torch import nn
 
 from ufad.runtime.errors import ExportError, opt
 
+from .model_kinds import is_a
+
 SOFTMAX = "@sqrt_softmax"
 SOFTMAX_TOP = "@sqrt_softmax_top10"
 ENERGY = "@energy"
@@ -211,7 +213,7 @@ class Record:
 def _tensor_of(module: nn.Module, out: Any) -> torch.Tensor | None:
     if isinstance(out, torch.Tensor):
         return out
-    if isinstance(module, nn.RNNBase) and isinstance(out, tuple) and isinstance(out[0], torch.Tensor):
+    if is_a(module, nn.RNNBase) and isinstance(out, tuple) and isinstance(out[0], torch.Tensor):
         return out[0]            # (output, h_n): the output sequence
     return None
 
@@ -222,7 +224,7 @@ def has_weights(module: nn.Module) -> bool:
 
 
 def _has(module: nn.Module, types: tuple) -> bool:
-    return any(isinstance(m, types) for m in module.modules())
+    return any(is_a(m, types) for m in module.modules())
 
 
 def _last_weighted(name: str, module: nn.Module, before: list["Record"]) -> nn.Module:
@@ -239,28 +241,38 @@ def _channel_last(name: str, module: nn.Module, t: torch.Tensor, before: list["R
     if t.dim() != 4 or t.shape[1] == t.shape[-1]:
         return False
     last = _last_weighted(name, module, before)
-    return isinstance(last, (nn.Linear, nn.LayerNorm)) and _width(last) == t.shape[-1]
+    return is_a(last, (nn.Linear, nn.LayerNorm)) and _width(last) == t.shape[-1]
 
 
 def _width(m: nn.Module) -> int | None:
-    """The feature width a layer with weights produces (None: not one of these)."""
-    if isinstance(m, nn.Linear):
-        return m.out_features
-    if isinstance(m, nn.LayerNorm):
-        return m.normalized_shape[-1]
-    if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d)):
-        return m.out_channels
-    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-        return m.num_features
-    if isinstance(m, nn.Embedding):
-        return m.embedding_dim
-    if isinstance(m, nn.MultiheadAttention):
-        return m.embed_dim
+    """The feature width a layer with weights produces (None: not one of these). Read from
+    the weights where the attribute is missing (an unflattened ``torch.export`` program keeps
+    the tensors, not the layer's attributes)."""
+    def size(attr: str, tensor: str, axis: int) -> int | None:
+        v = getattr(m, attr, None)
+        if v is None:
+            t = getattr(m, tensor, None)
+            v = t.shape[axis] if isinstance(t, torch.Tensor) and t.dim() > max(axis, -axis - 1) else None
+        return v[-1] if isinstance(v, (tuple, list)) else v
+    if is_a(m, nn.Linear):
+        return size("out_features", "weight", 0)
+    if is_a(m, nn.LayerNorm):
+        return size("normalized_shape", "weight", -1)
+    if is_a(m, nn.Conv1d):
+        return size("out_channels", "weight", 0)
+    if is_a(m, nn.ConvTranspose1d):
+        return getattr(m, "out_channels", None)
+    if is_a(m, nn.modules.batchnorm._BatchNorm):
+        return size("num_features", "running_mean", 0)
+    if is_a(m, nn.Embedding):
+        return size("embedding_dim", "weight", 1)
+    if is_a(m, nn.MultiheadAttention):
+        return size("embed_dim", "in_proj_weight", 1)
     return None
 
 
 def _kind(name: str, module: nn.Module, t: torch.Tensor, before: list["Record"]) -> str:
-    if isinstance(module, nn.RNNBase):
+    if is_a(module, nn.RNNBase):
         return "sequence"
     if t.dim() == 2:
         return "vector"

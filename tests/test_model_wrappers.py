@@ -215,3 +215,55 @@ def test_an_npz_with_other_keys_is_named_not_called_unreadable(tmp_path):
     with pytest.raises(InputError, match=r"expected arrays 'x' \(inputs\) and 'y' \(labels\), found \['images', 'labels'\]; save it with np.savez") as err:
         load_data(str(tmp_path / "d.npz"), "train", None)
     assert "unreadable" not in str(err.value)
+
+
+# ------------------------------------------------- torch.export programs (a model without its code)
+def _program(model: nn.Module) -> "torch.export.ExportedProgram":
+    return torch.export.export(model, (torch.zeros(2, 1, 28, 28),),
+                               dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+
+
+def test_a_torch_export_program_is_fitted_through_its_rebuilt_layers(reference_model, data, mnist, fashion_test, tmp_path):
+    """A program saved with torch.export.save and loaded back (what a .pt2 file holds: one flat
+    graph, no module calls) gets the same automatic taps and the same scores as the eager model."""
+    torch.export.save(_program(reference_model), tmp_path / "cnn.pt2")
+    program = torch.export.load(tmp_path / "cnn.pt2")
+    held = mnist["valid"][0][:600]
+    det = UniformDetector(program, progress=False).fit(*data).calibrate(held)
+    assert det.layers == REFERENCE_LAYERS
+    ref = UniformDetector(reference_model, progress=False).fit(*data).calibrate(held)
+    det.export(tmp_path / "program.onnx")
+    ref.export(tmp_path / "eager.onnx")
+    test = mnist["test"][0][:500]
+    got, want = (AnomalySession(tmp_path / f, provider="cpu").run(test) for f in ("program.onnx", "eager.onnx"))
+    with torch.inference_mode():
+        own = reference_model(torch.from_numpy(test)).argmax(1).numpy()
+    assert np.array_equal(got.pred, own)
+    np.testing.assert_allclose(got.score, want.score, rtol=1e-4, atol=1e-4)
+    sess = AnomalySession(tmp_path / "program.onnx", provider="cpu")
+    noise = np.random.default_rng(0).uniform(0, 1, (300, 1, 28, 28)).astype(np.float32)
+    assert sess.run(noise).is_anomaly.mean() >= 0.95
+    assert metrics.auroc(got.score, sess.run(fashion_test[0][:500]).score) >= 0.98   # Fashion-MNIST as OOD
+
+
+def test_a_flat_or_training_mode_program_is_refused_with_what_to_pass(reference_model):
+    with pytest.raises(ExportError, match=r"the \.module\(\) of a torch.export program.*Pass the ExportedProgram itself"):
+        UniformDetector(_program(reference_model).module(), progress=False)
+    training = nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.BatchNorm1d(32), nn.Dropout(0.2), nn.Linear(32, 10))
+    with pytest.raises(ExportError, match=r"exported in training mode \(aten.batch_norm.default, "
+                                          r"aten.dropout.default: .*export it again after model.eval\(\)"):
+        UniformDetector(_program(training), progress=False)
+
+
+def test_ufad_layers_shows_a_programs_original_layer_types(tmp_path):
+    (tmp_path / "shipped_net.py").write_text(
+        "import torch\nfrom ufad.models import mnist_cnn\n"
+        "def program():\n"
+        "    return torch.export.export(mnist_cnn.pretrained(), (torch.zeros(2, 1, 28, 28),))\n")
+    proc = subprocess.run([sys.executable, "-m", "ufad.runtime.cli", "layers", "shipped_net:program",
+                           "--input-shape", "1,28,28"], cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = " ".join(proc.stdout.split())    # the title wraps at the table's width
+    assert "automatic: block1, block2, block3, penultimate" in out
+    assert "│ * │ block1 │ Sequential │ 32x14x14 │ map │" in out
+    assert "Conv2d" in out and "InterpreterModule" not in out

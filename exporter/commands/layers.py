@@ -42,7 +42,7 @@ def layers_command(model_spec, data, input_shape, weights, logits, show_all):
     from rich.table import Table
     from rich.text import Text
 
-    from ..model_kinds import eager_model
+    from ..model_kinds import eager_model, is_a, module_type
     from ..model_loading import load_factory, load_weights
     from ..outputs import parse_key
     from ..auto_layers import choose
@@ -68,7 +68,7 @@ def layers_command(model_spec, data, input_shape, weights, logits, show_all):
         table.add_column(col, overflow="fold")   # long module names wrap, never cut to "bert.enc…"
     seen = set()
     for r in sorted(c.records, key=lambda r: r.order):
-        if r.name in seen or (not show_all and isinstance(r.module, LONE_OPS) and r.name not in chosen):
+        if r.name in seen or (not show_all and is_a(r.module, LONE_OPS) and r.name not in chosen):
             continue
         seen.add(r.name)
         kind, shape = r.kind or "-", r.out_type
@@ -76,7 +76,7 @@ def layers_command(model_spec, data, input_shape, weights, logits, show_all):
             major = r.kind in ("tokens", "sequence") and is_time_major(r.module, r.out_shape, min(len(x), PROBE_SAMPLES))
             shape = "x".join(str(d) for i, d in enumerate(r.out_shape) if i != (1 if major else 0))
             kind += " (time-major)" if major else ""
-        table.add_row("*" if r.name in chosen else "", r.name, type(r.module).__name__, shape,
+        table.add_row("*" if r.name in chosen else "", r.name, module_type(r.module).__name__, shape,
                       kind, DEFAULTS.get(r.kind or "", "-"))
     for spec in chosen:
         if spec.endswith("#in"):
