@@ -101,10 +101,10 @@ def _computes(r: Record) -> bool:
     return r.is_container or has_weights(r.module)
 
 
-def _stages(records: list[Record], x_shape: tuple[int, ...], head_order: int) -> list[str]:
-    """Conv nets (2-D or 1-D): one tap per stage of the network's spine, where resolution or
-    width changes, at the last block of the stage; never a lone activation / norm / pool /
-    dropout; the stem (the first stage) only in shallow nets.
+def _stages(records: list[Record], x_shape: tuple[int, ...], head_order: int) -> list[Record]:
+    """Conv nets (2-D or 1-D): every stage of the network's spine, where resolution or width
+    changes, at the last block of the stage; never a lone activation / norm / pool / dropout.
+    ``_spread`` then keeps a few of them.
 
     The spine is the module whose children run the network one after the other: the model
     itself, or, through wrappers (a normaliser in front, a ``features`` Sequential), the one
@@ -151,6 +151,15 @@ def _stages(records: list[Record], x_shape: tuple[int, ...], head_order: int) ->
             picks[-1] = r
         else:
             picks.append(r)
+    return picks
+
+
+def _spread(picks: list[Record]) -> list[str]:
+    """At most ``MAX_AUTO_STAGES`` of the stages, evenly spread; the stem (the first stage)
+    only in shallow nets. Counted after a last stage that copies the penultimate features is
+    gone (``_without_copy_of``): counted before, a ShuffleNet or RegNet at 32x32 lost its stem,
+    its only map above 4x4, and then that copy, and flagged 68-90% of uniform noise instead
+    of 100%."""
     if len(picks) >= 5 or (len(picks) >= 3 and not picks[0].is_container):
         picks = picks[1:]                                            # the stem
     return [p.name for p in _evenly(picks, MAX_AUTO_STAGES)]
@@ -228,9 +237,10 @@ def choose(model: nn.Module, example: torch.Tensor, logits_key: Any = None) -> C
         hidden = _blocks(records, head_order)
         family = "transformer" if hidden else ""
     if not hidden:
-        hidden = _stages(records, x_shape, head_order)
-        family = "cnn" if hidden else ""
-        hidden = _without_copy_of(model, example, hidden, pen, logits_key)
+        stages = _stages(records, x_shape, head_order)
+        family = "cnn" if stages else ""
+        kept = _without_copy_of(model, example, [r.name for r in stages], pen, logits_key)
+        hidden = _spread([r for r in stages if r.name in kept])
     if not hidden:
         hidden = _hidden_vectors(records, head_order, pen)
         family = "mlp" if hidden else "unknown"

@@ -7,6 +7,7 @@ files load through safetensors, ``.pt``/``.pth`` through ``torch.load(weights_on
 
 from __future__ import annotations
 
+import collections
 import importlib
 import sys
 from pathlib import Path
@@ -69,9 +70,16 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
         ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
+    own = getattr(model.state_dict(), "_metadata", None)
+    if isinstance(state, dict) and own is not None and getattr(state, "_metadata", None) is None:
+        # safetensors keeps tensors only, not the per-module versions torch.save writes; modules
+        # that migrate old checkpoints by version (torchvision's MNASNet) refuse a state without
+        # one. The weights were made by this code, so its own versions are the right ones.
+        state = collections.OrderedDict(state)
+        state._metadata = own
     try:
         model.load_state_dict(state)
-    except (RuntimeError, TypeError) as e:
+    except (RuntimeError, TypeError, ValueError, KeyError, AssertionError) as e:
         # torch puts the useful part (missing keys, size mismatch) after the first line
         raise ExportError(f"weights in {path} do not fit the model: {' '.join(str(e).split())[:400]}") from None
     return model

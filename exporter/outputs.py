@@ -76,8 +76,10 @@ def pick_logits(out: Any, key: LogitsKey = None) -> torch.Tensor:
                   and v.is_floating_point()]
     if len(candidates) == 1:
         return candidates[0][1]
-    example = next((k for k, _ in candidates), 0)
+    # Name every 2-D float candidate: suggesting only the first one sent users to a features
+    # tensor returned before the logits ((features, logits) is a common pair).
+    choices = [opt("logits", k) for k, _ in candidates[:6]] or [opt("logits", 0)]
     raise ExportError(
         f"the model returned {describe(out)}, not one logits tensor [B, classes]; say which part "
-        f"holds the logits with {opt('logits', example)}."
+        f"holds the logits with {' or '.join(choices)}."
     )

@@ -267,3 +267,52 @@ def test_ufad_layers_shows_a_programs_original_layer_types(tmp_path):
     assert "automatic: block1, block2, block3, penultimate" in out
     assert "│ * │ block1 │ Sequential │ 32x14x14 │ map │" in out
     assert "Conv2d" in out and "InterpreterModule" not in out
+
+
+# ------------------------------------------------------------ the session-18 sweep's findings
+class Versioned(nn.Module):
+    """A module that migrates old checkpoints by version, as torchvision's MNASNet does."""
+
+    _version = 2
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        if local_metadata.get("version") not in (1, 2):
+            raise ValueError(f"version should be set to 1 or 2 instead of {local_metadata.get('version')}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
+
+def test_safetensors_weights_load_into_a_module_that_checks_its_version(tmp_path):
+    from safetensors.torch import save_file
+
+    from ufad.exporter.model_loading import load_weights
+
+    trained = Versioned()
+    save_file(trained.state_dict(), str(tmp_path / "w.safetensors"))   # safetensors keeps no versions
+    fresh = load_weights(Versioned(), tmp_path / "w.safetensors")
+    assert torch.equal(fresh.fc.weight, trained.fc.weight)
+    save_file({"fc.weight": torch.zeros(2, 2)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ExportError, match=r"do not fit the model"):
+        load_weights(Versioned(), tmp_path / "bad.safetensors")
+
+
+class FeaturesAndLogits(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU())
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        f = self.body(x)
+        return f, self.fc(f)
+
+
+def test_an_ambiguous_output_names_every_candidate_for_logits(data):
+    """(features, logits) is a common pair: the message offered only the first (the features)."""
+    with pytest.raises(ExportError, match=r"tuple\(0: Tensor\[2, 64\], 1: Tensor\[2, 10\]\).*"
+                                          r"with logits=0 or logits=1\.") as e:
+        UniformDetector(FeaturesAndLogits().eval(), progress=False).fit(*data)
+    assert "Traceback" not in str(e.value)

@@ -92,6 +92,11 @@ def test_torchvision_and_timm_families():
     # no stem, no pools; at 32x32 layer4 ends at 1x1, so its features ARE fc's input: not twice
     assert r.layers == ["layer1", "layer2", "layer3", "fc#in"]
     assert choose(resnet, torch.rand(2, 3, 64, 64)).layers == ["layer1", "layer2", "layer3", "layer4", "fc#in"]
+    # ShuffleNetV2 at 32x32: conv1 16x16, stages 4x4 / 2x2 / 1x1, conv5 1x1 == fc's input. The
+    # copy is dropped before the stem rule counts the stages, so conv1 stays (without it the
+    # detector flagged 90% of uniform noise, with it 100%: the session-18 sweep, same weights)
+    shuffle = choose(tv.models.shufflenet_v2_x0_5(num_classes=10).eval(), x)
+    assert shuffle.layers == ["conv1", "stage2", "stage3", "stage4", "fc#in"]
     m = choose(tv.models.mobilenet_v3_small(num_classes=10).eval(), x)
     assert m.layers == ["features.3", "features.6", "features.11", "features.12", "classifier.1"]
     v = choose(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32,
@@ -109,8 +114,10 @@ def test_stage_chains_and_averaged_heads():
         pytest.skip("torchvision / timm not installed")
     x = torch.rand(2, 3, 32, 32)
     regnet = tv.models.regnet_y_400mf(num_classes=10).eval()
-    # at 32x32 block4 ends at 1x1 and is fc's input; at 64x64 it is a stage of its own
-    assert choose(regnet, x).layers == ["trunk_output.block1", "trunk_output.block2", "trunk_output.block3", "fc#in"]
+    # at 32x32 block4 ends at 1x1 and is fc's input; at 64x64 it is a stage of its own. With the
+    # copy gone first, four stages remain and the stem (the only map above 4x4) is one of them.
+    assert choose(regnet, x).layers == ["stem", "trunk_output.block1", "trunk_output.block2",
+                                        "trunk_output.block3", "fc#in"]
     assert choose(regnet, torch.rand(2, 3, 64, 64)).layers == [
         "trunk_output.block1", "trunk_output.block2", "trunk_output.block3", "trunk_output.block4", "fc#in"]
     assert choose(timm.create_model("convnext_atto", num_classes=10).eval(), x).layers == [
@@ -118,7 +125,7 @@ def test_stage_chains_and_averaged_heads():
     assert choose(timm.create_model("efficientnet_b0", num_classes=10).eval(), x).layers == [
         "blocks.1", "blocks.3", "blocks.5", "conv_head", "global_pool"]
     googlenet = tv.models.googlenet(num_classes=10, aux_logits=False, init_weights=True).eval()
-    assert choose(googlenet, x).layers == ["inception3a", "inception4c", "inception4e", "fc#in"]
+    assert choose(googlenet, x).layers == ["conv3", "inception3b", "inception4d", "inception5a", "fc#in"]
     deit = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=10, img_size=32, patch_size=8).eval()
     assert choose(deit, x).layers == ["blocks.3", "blocks.7", "blocks.11", "norm", "head_dist#in"]
 
