@@ -25,7 +25,7 @@ from torch import nn
 
 from ufad.runtime.errors import ExportError, opt
 
-from .model_kinds import is_a
+from .graph_models import is_a
 from .taps import LONE_OPS, PROBE_SAMPLES, ActivationCapture, Record, has_weights, probe, run_model
 
 #: at most this many hidden taps of one family are chosen automatically

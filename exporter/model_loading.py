@@ -17,7 +17,8 @@ from torch import nn
 
 from ufad.runtime.errors import ExportError
 
-from .model_kinds import eager_model, is_exported_program
+from .graph_models import is_exported_program
+from .model_kinds import eager_model
 
 
 def load_factory(spec: str) -> nn.Module:

@@ -42,7 +42,7 @@ from torch import nn
 
 from ufad.runtime.errors import ExportError, opt
 
-from .model_kinds import is_a
+from .graph_models import is_a
 
 SOFTMAX = "@sqrt_softmax"
 SOFTMAX_TOP = "@sqrt_softmax_top10"

@@ -1,6 +1,7 @@
-"""Models as users hand them over, found by the session-17 sweep: a torch.compile wrapper,
-TorchScript and quantized modules, uint8 pixels, NaN in the calibration data, and a
-transformer without ``batch_first`` (torch's default, [T, B, D] between layers). Each once
+"""Models as users hand them over, found by the session-17 and -18 sweeps: a torch.compile wrapper,
+TorchScript and quantized modules, uint8 pixels, NaN in the calibration data, a transformer
+without ``batch_first`` (torch's default, [T, B, D] between layers), torch.export programs and
+fx graphs, weights of modules that check their version, a (features, logits) output. Each once
 gave a traceback, a late misleading refusal, or a silently wrong detector."""
 
 from __future__ import annotations
@@ -223,27 +224,47 @@ def _program(model: nn.Module) -> "torch.export.ExportedProgram":
                                dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
 
 
-def test_a_torch_export_program_is_fitted_through_its_rebuilt_layers(reference_model, data, mnist, fashion_test, tmp_path):
+@pytest.fixture(scope="module")
+def eager_run(reference_model, data, mnist, tmp_path_factory):
+    """The reference CNN's own detector, fitted like the graph forms below, scored on 500 test
+    digits: what a program or an fx graph of the same model must reproduce."""
+    path = tmp_path_factory.mktemp("eager") / "eager.onnx"
+    UniformDetector(reference_model, progress=False).fit(*data).calibrate(mnist["valid"][0][:600]).export(path)
+    return AnomalySession(path, provider="cpu").run(mnist["test"][0][:500])
+
+
+def _same_detector(model, reference_model, eager_run, data, mnist, fashion_test, path) -> None:
+    det = UniformDetector(model, progress=False).fit(*data).calibrate(mnist["valid"][0][:600])
+    assert det.layers == REFERENCE_LAYERS
+    det.export(path)
+    sess = AnomalySession(path, provider="cpu")
+    test = mnist["test"][0][:500]
+    got = sess.run(test)
+    with torch.inference_mode():
+        own = reference_model(torch.from_numpy(test)).argmax(1).numpy()
+    assert np.array_equal(got.pred, own)
+    np.testing.assert_allclose(got.score, eager_run.score, rtol=1e-4, atol=1e-4)
+    noise = np.random.default_rng(0).uniform(0, 1, (300, 1, 28, 28)).astype(np.float32)
+    assert sess.run(noise).is_anomaly.mean() >= 0.95
+    assert metrics.auroc(got.score, sess.run(fashion_test[0][:500]).score) >= 0.98   # Fashion-MNIST as OOD
+
+
+def test_a_torch_export_program_is_fitted_through_its_rebuilt_layers(reference_model, eager_run, data, mnist,
+                                                                       fashion_test, tmp_path):
     """A program saved with torch.export.save and loaded back (what a .pt2 file holds: one flat
     graph, no module calls) gets the same automatic taps and the same scores as the eager model."""
     torch.export.save(_program(reference_model), tmp_path / "cnn.pt2")
     program = torch.export.load(tmp_path / "cnn.pt2")
-    held = mnist["valid"][0][:600]
-    det = UniformDetector(program, progress=False).fit(*data).calibrate(held)
-    assert det.layers == REFERENCE_LAYERS
-    ref = UniformDetector(reference_model, progress=False).fit(*data).calibrate(held)
-    det.export(tmp_path / "program.onnx")
-    ref.export(tmp_path / "eager.onnx")
-    test = mnist["test"][0][:500]
-    got, want = (AnomalySession(tmp_path / f, provider="cpu").run(test) for f in ("program.onnx", "eager.onnx"))
-    with torch.inference_mode():
-        own = reference_model(torch.from_numpy(test)).argmax(1).numpy()
-    assert np.array_equal(got.pred, own)
-    np.testing.assert_allclose(got.score, want.score, rtol=1e-4, atol=1e-4)
-    sess = AnomalySession(tmp_path / "program.onnx", provider="cpu")
-    noise = np.random.default_rng(0).uniform(0, 1, (300, 1, 28, 28)).astype(np.float32)
-    assert sess.run(noise).is_anomaly.mean() >= 0.95
-    assert metrics.auroc(got.score, sess.run(fashion_test[0][:500]).score) >= 0.98   # Fashion-MNIST as OOD
+    _same_detector(program, reference_model, eager_run, data, mnist, fashion_test, tmp_path / "program.onnx")
+
+
+def test_an_fx_graph_gets_its_inlined_blocks_back_as_taps(reference_model, eager_run, data, mnist, fashion_test, tmp_path):
+    """torch.fx.symbolic_trace inlines every container (block1..3 and penultimate never ran as
+    modules): the automatic choice found one hidden tap, 'penultimate.2'. Each container is now
+    called as an identity on its scope's output, so the fx graph is tapped like the eager model."""
+    graph = torch.fx.symbolic_trace(reference_model).eval()
+    _same_detector(graph, reference_model, eager_run, data, mnist, fashion_test, tmp_path / "fx.onnx")
+    assert "block1" not in {n.target for n in graph.graph.nodes if n.op == "call_module"}   # the user's graph: untouched
 
 
 def test_a_flat_or_training_mode_program_is_refused_with_what_to_pass(reference_model):

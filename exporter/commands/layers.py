@@ -42,7 +42,8 @@ def layers_command(model_spec, data, input_shape, weights, logits, show_all):
     from rich.table import Table
     from rich.text import Text
 
-    from ..model_kinds import eager_model, is_a, module_type
+    from ..graph_models import is_a, module_type
+    from ..model_kinds import eager_model
     from ..model_loading import load_factory, load_weights
     from ..outputs import parse_key
     from ..auto_layers import choose
