@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -369,7 +370,9 @@ class Detector:
         the model cannot run in float64."""
         self._require_fitted()
         try:
-            model64 = copy.deepcopy(self.model).double()
+            with warnings.catch_warnings():   # torch's notices about copying its graph metadata (an unflattened program)
+                warnings.simplefilter("ignore")
+                model64 = copy.deepcopy(self.model).double()
             mod = DetectorModule(model64, self.taps, self.head(), self.logits, self._flag_limits(),
                                  self._id_range()).eval()
         except Exception:
