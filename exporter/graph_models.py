@@ -16,6 +16,7 @@ into modules whose layers run as modules again, so that ufad's hooks see them.
 from __future__ import annotations
 
 import copy
+import sys
 import warnings
 
 from torch import nn
@@ -77,8 +78,6 @@ def unflattened(program) -> nn.Module:
 def _loaded_class(path: str) -> type | None:
     """The ``nn.Module`` class named ``module.Class``, from modules already imported only (the
     names come from the program's file: reading one must not import anything)."""
-    import sys
-
     mod, _, name = path.rpartition(".")
     obj = getattr(sys.modules[mod], name, None) if mod in sys.modules else None
     return obj if isinstance(obj, type) and issubclass(obj, nn.Module) else None

@@ -39,13 +39,13 @@ def eager_model(model: object) -> nn.Module:
         model = model._orig_mod
     import torch
 
-    if isinstance(model, torch.fx.GraphModule) and hasattr(model, "_in_spec") and hasattr(model, "_out_spec"):
-        raise ExportError(
-            "the model is the .module() of a torch.export program: one flat graph whose layers are not modules "
-            "that run, so ufad cannot tap them (and it cannot be put in eval mode). Pass the ExportedProgram "
-            "itself (what torch.export.export or torch.export.load returns): ufad rebuilds its layers with "
-            "torch.export.unflatten.")
     if isinstance(model, torch.fx.GraphModule):
+        if hasattr(model, "_in_spec") and hasattr(model, "_out_spec"):
+            raise ExportError(
+                "the model is the .module() of a torch.export program: one flat graph whose layers are not modules "
+                "that run, so ufad cannot tap them (and it cannot be put in eval mode). Pass the ExportedProgram "
+                "itself (what torch.export.export or torch.export.load returns): ufad rebuilds its layers with "
+                "torch.export.unflatten.")
         model = with_scope_calls(model)
 
     scripted = _outermost(n for n, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule))

@@ -252,7 +252,7 @@ def _width(m: nn.Module) -> int | None:
         v = getattr(m, attr, None)
         if v is None:
             t = getattr(m, tensor, None)
-            v = t.shape[axis] if isinstance(t, torch.Tensor) and t.dim() > max(axis, -axis - 1) else None
+            v = t.shape[axis] if isinstance(t, torch.Tensor) and -t.dim() <= axis < t.dim() else None
         return v[-1] if isinstance(v, (tuple, list)) else v
     if is_a(m, nn.Linear):
         return size("out_features", "weight", 0)
