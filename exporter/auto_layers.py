@@ -2,11 +2,12 @@
 
 - conv nets (2-D and 1-D) and Swin: one tap per stage of the network's spine, where
   resolution or width changes, at most ``MAX_AUTO_STAGES`` (a chain of stages inside the
-  spine stands for its stages); never a lone activation / norm / pool / dropout /
+  spine stands for its stages; an isotropic stack, one shape throughout, for three evenly
+  spaced blocks); never a lone activation / norm / pool / dropout /
   parameter-free reshape; the stem only in shallow nets; not a last stage that equals the
   penultimate features (a 1x1 map that is only pooled into the head);
 - transformers: three evenly spaced block outputs and the final norm;
-- RNNs: the recurrent module's output;
+- RNNs: the recurrent module's output (its last step; over time when the head reads that step);
 - MLPs: the hidden activations before the head;
 - always: the penultimate features, found by following the logits tensor back to the input
   of the module that produced it (wrappers such as a normaliser in front are descended into).
@@ -26,7 +27,7 @@ from torch import nn
 from ufad.runtime.errors import ExportError, opt
 
 from .graph_models import is_a
-from .taps import LONE_OPS, PROBE_SAMPLES, ActivationCapture, Record, has_weights, probe, run_model
+from .taps import LONE_OPS, PROBE_SAMPLES, ActivationCapture, Record, has_weights, probe, resolve_taps, run_model
 
 #: at most this many hidden taps of one family are chosen automatically
 MAX_AUTO_STAGES = 4
@@ -144,6 +145,15 @@ def _stages(records: list[Record], x_shape: tuple[int, ...], head_order: int) ->
             return sub
         return []
 
+    def isotropic(r: Record) -> list[Record]:
+        """An isotropic stack (ConvMixer's ``blocks``): a container whose output is its last
+        child's and whose children are two or more blocks at one output shape."""
+        sub = map_children(r.name) if r.is_container else []
+        if (len(sub) >= 2 and sub[-1].out_id == r.out_id and all(k.is_container for k in sub)
+                and len({k.out_shape for k in sub}) == 1):
+            return sub
+        return []
+
     kids = [k for r in kids for k in (stages_in(r) or [r])]
     picks: list[Record] = []
     for r in kids:   # consecutive children with the same output shape form one stage
@@ -151,6 +161,9 @@ def _stages(records: list[Record], x_shape: tuple[int, ...], head_order: int) ->
             picks[-1] = r
         else:
             picks.append(r)
+    if len(picks) == 1 and isotropic(picks[0]):
+        # one resolution and width throughout: as in a transformer, evenly spaced blocks
+        picks = _evenly(isotropic(picks[0]), 3)
     return picks
 
 
@@ -201,37 +214,55 @@ def _sequences(records: list[Record], head_order: int) -> list[str]:
     return [r.name for r in records if r.kind == "sequence" and r.order < head_order]
 
 
-def _without_copy_of(model: nn.Module, example: torch.Tensor, hidden: list[str], pen: str | None,
-                     logits_key: Any) -> list[str]:
-    """``hidden`` without a last stage whose reduced features ARE the penultimate features: a
-    stage that ends at 1x1 and is only pooled and flattened into the head (torchvision ResNets
-    at 32x32: ``layer4`` == ``fc#in``). Tapping both reads a second set of regions for no new
-    signal (zoo ResNet-18: -0.04x of the bare model's latency at batch 1). Compared on the
-    probe samples, value for value."""
+def _copies_penultimate(model: nn.Module, example: torch.Tensor, tap: str, pen: str | None,
+                        logits_key: Any) -> bool:
+    """Whether tap ``tap``'s reduced features ARE the penultimate features, value for value on
+    the probe samples: a stage that ends at 1x1 and is only pooled and flattened into the head
+    (torchvision ResNets at 32x32: ``layer4`` == ``fc#in``), or an RNN whose last step is what
+    the classifier reads. Tapping both reads a second set of regions for no new signal (zoo
+    ResNet-18: -0.04x of the bare model's latency at batch 1)."""
     from .outputs import pick_logits
 
-    if not hidden or pen is None:
-        return hidden
-    cap = ActivationCapture(model, [hidden[-1], pen])
+    if pen is None:
+        return False
+    cap = ActivationCapture(model, resolve_taps(model, [tap, pen], example))
     try:
         with torch.no_grad():
             logits = pick_logits(run_model(model, example), logits_key)
         last, penult = cap.collect(logits)
     finally:
         cap.remove()
-    return hidden[:-1] if last.shape == penult.shape and torch.equal(last, penult) else hidden
+    return last.shape == penult.shape and torch.equal(last, penult)
+
+
+def _without_copy_of(model: nn.Module, example: torch.Tensor, hidden: list[str], pen: str | None,
+                     logits_key: Any) -> list[str]:
+    """``hidden`` without a last stage that copies the penultimate features."""
+    if hidden and _copies_penultimate(model, example, hidden[-1], pen, logits_key):
+        return hidden[:-1]
+    return hidden
+
+
+def _sequence_taps(model: nn.Module, example: torch.Tensor, names: list[str], pen: str | None,
+                   logits_key: Any) -> list[str]:
+    """The recurrent modules' outputs, at their last step; one whose last step is what the
+    classifier reads (``fc(out[:, -1])``, ``fc(h_n)``) is reduced over time instead
+    (``:tokens_max``): every step, where the last one would repeat the penultimate tap."""
+    return [f"{n}:tokens_max" if _copies_penultimate(model, example, n, pen, logits_key) else n
+            for n in names]
 
 
 def choose(model: nn.Module, example: torch.Tensor, logits_key: Any = None) -> Choice:
     """The automatic taps of ``model`` (decided by one probe pass on ``example``)."""
-    from .outputs import pick_logits
+    from .outputs import check_logits, pick_logits
 
     example = example[:PROBE_SAMPLES]      # the shape probe() sees
     records, out = probe(model, example)
     logits = pick_logits(out, logits_key)
+    check_logits(logits)      # before the head is searched for: a [B, C, 1, 1] head misleads it
     pen, head_order = _head(records, logits)
     x_shape = tuple(example.shape)
-    hidden = _sequences(records, head_order)
+    hidden = _sequence_taps(model, example, _sequences(records, head_order), pen, logits_key)
     family = "rnn" if hidden else ""
     if not hidden:
         hidden = _blocks(records, head_order)

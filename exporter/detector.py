@@ -29,10 +29,10 @@ from .auto_layers import default_layers
 from .model_kinds import eager_layer_name, eager_model
 from .data import ArrayLike, Data, Rows, as_input, check_labels, check_tpr, input_array, iter_batches, progress
 from .onnx_export import PARITY_RTOL
-from .outputs import LogitsKey, parse_key, pick_logits
+from .outputs import LogitsKey, check_logits, parse_key, pick_logits
 from .registry import Option, register
-from .taps import (ENERGY, SOFTMAX, SOFTMAX_TOP, TOP_K, ActivationCapture, Tap, check_map_reduction, resolve_layers, resolve_taps,
-                   run_model)
+from .taps import (ENERGY, SOFTMAX, SOFTMAX_TOP, TOP_K, ActivationCapture, Tap, check_map_reduction,
+                   resolve_layers, resolve_taps, run_model)
 
 RANGE_POLICIES = ("auto", *fmt.RANGE_POLICIES)
 
@@ -241,17 +241,7 @@ class Detector:
                 with torch.no_grad():
                     capture.clear()
                     logits = pick_logits(run_model(self.model, x), self.logits)
-                    if logits.dim() > 2 and logits.is_floating_point() and all(d == 1 for d in logits.shape[2:]):
-                        raise ExportError(
-                            f"the model's logits have shape {tuple(logits.shape)} (a convolutional head); "
-                            "ufad needs them as [B, classes]: flatten them at the end of the model's "
-                            "forward (torch.flatten(out, 1)).")
-                    if logits.dim() != 2 or not logits.is_floating_point():
-                        raise ExportError(
-                            f"the model's logits have shape {tuple(logits.shape)} ({logits.dtype}); "
-                            f"expected floating logits [B, classes]. If the model returns several "
-                            f"tensors, say which holds the logits with {opt('logits')}."
-                        )
+                    check_logits(logits)
                     feats = capture.collect(logits) if self.layers else []
                 self._check_classes(logits, int(y.max()) if y is not None and len(y) else None)
                 if self.num_classes is None:  # recorded here, so no detector's _fit has to

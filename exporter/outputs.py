@@ -49,6 +49,22 @@ def describe(out: Any) -> str:
     return f"{type(out).__name__}({shown})"
 
 
+def check_logits(logits: torch.Tensor) -> None:
+    """Refuse logits that are not floating ``[B, classes]``, saying what to change."""
+    shape = "[B" + "".join(f", {d}" for d in logits.shape[1:]) + "]"   # the probe's batch size means nothing to a user
+    if logits.dim() > 2 and logits.is_floating_point() and all(d == 1 for d in logits.shape[2:]):
+        raise ExportError(
+            f"the model's logits have shape {shape} (a convolutional head); "
+            "ufad needs them as [B, classes]: flatten them at the end of the model's "
+            "forward (torch.flatten(out, 1)).")
+    if logits.dim() != 2 or not logits.is_floating_point():
+        raise ExportError(
+            f"the model's logits have shape {shape} ({logits.dtype}); "
+            f"expected floating logits [B, classes]. If the model returns several "
+            f"tensors, say which holds the logits with {opt('logits')}."
+        )
+
+
 def pick_logits(out: Any, key: LogitsKey = None) -> torch.Tensor:
     """The logits tensor of a model output (see the module docstring)."""
     if key is None and isinstance(out, torch.Tensor):

@@ -22,7 +22,7 @@ Output kinds and their reductions to ``[B, D]`` (per channel, never per position
 | ``vector`` | ``[B, D]`` | ``none``, ``l2`` (divided by its L2 norm: Mahalanobis++) |
 | ``map`` | ``[B, C, H, W]``, ``[B, C, T]`` (conv / pool / 1-D conv outputs); ``[B, H, W, C]`` (Swin: ``Tap.channel_last``) | ``max`` (per-channel max over space or time; the detector's ``reduction``), ``mean``, ``flatten`` |
 | ``tokens`` | ``[B, N, D]`` (transformer blocks, norms, embeddings) | ``tokens_mean``, ``tokens_max``, ``cls`` (token 0) |
-| ``sequence`` | RNN / GRU / LSTM output (batch-first or not) | ``last`` (last step), ``tokens_max`` (max over time) |
+| ``sequence`` | RNN / GRU / LSTM output (batch-first or not) | ``last`` (last step; of a bidirectional RNN, each direction's last step: the forward half at step T-1, the backward half at step 0), ``tokens_max`` (max over time) |
 
 Which taps are used when none are given is ``auto_layers.py``'s job.
 
@@ -87,6 +87,7 @@ class Tap:
     reduction: str | None = None
     time_major: bool = False   # an RNN without batch_first: [T, B, H]
     channel_last: bool = False  # a [B, H, W, C] map (Swin's blocks): channels on the last axis
+    bidirectional: bool = False  # a bidirectional RNN's output: [forward | backward] halves
 
     @property
     def is_softmax(self) -> bool:
@@ -120,6 +121,10 @@ class Tap:
             return (t.amax(dim=dims) if how == "max" else t.mean(dim=dims)).float()
         if self.time_major:
             t = t.transpose(0, 1)
+        if how == "last" and self.bidirectional:
+            # the backward direction ends at step 0: its state at step T-1 has read one step
+            h = t.shape[-1] // 2
+            return torch.cat([t[:, -1, :h], t[:, 0, h:]], dim=1).float()
         if how == "last":
             return t[:, -1].float()
         if how == "cls":
@@ -379,7 +384,9 @@ def resolve_taps(model: nn.Module, layers: Sequence[str], example: torch.Tensor,
                               f"{shape}; choose one of {list(ALLOWED[kind])}.")
         time_major = kind in ("sequence", "tokens") and is_time_major(rec.module, shape, n)
         channel_last = kind == "map" and tap.point == "output" and rec.channel_last
-        taps.append(Tap(spec, tap.module, tap.point, red, time_major, channel_last))
+        bidirectional = (kind == "sequence" and tap.point == "output"
+                         and bool(getattr(rec.module, "bidirectional", False)))
+        taps.append(Tap(spec, tap.module, tap.point, red, time_major, channel_last, bidirectional))
     return taps
 
 

@@ -1,8 +1,9 @@
-"""Models as users hand them over, found by the session-17 and -18 sweeps: a torch.compile wrapper,
+"""Models as users hand them over, found by the session-17 to -19 sweeps: a torch.compile wrapper,
 TorchScript and quantized modules, uint8 pixels, NaN in the calibration data, a transformer
 without ``batch_first`` (torch's default, [T, B, D] between layers), torch.export programs and
-fx graphs, weights of modules that check their version, a (features, logits) output. Each once
-gave a traceback, a late misleading refusal, or a silently wrong detector."""
+fx graphs, weights of modules that check their version, a (features, logits) output, a
+bidirectional RNN, a convolutional head. Each once gave a traceback, a late misleading refusal,
+or a silently wrong detector."""
 
 from __future__ import annotations
 
@@ -204,7 +205,7 @@ def test_messages_for_models_ufad_cannot_take_say_what_to_change(tmp_path, data)
     assert "\x1b" not in text and "(cause: " in text and "verbose=True" in text, text
     with pytest.raises(ExportError, match=r"calls the model with one tensor, model\(x\).*attention mask"):
         UniformDetector(_NeedsMask().eval(), progress=False).fit(x[:100], y[:100])
-    with pytest.raises(ExportError, match=r"shape \(256, 10, 1, 1\) \(a convolutional head\).*torch.flatten\(out, 1\)"):
+    with pytest.raises(ExportError, match=r"shape \[B, 10, 1, 1\] \(a convolutional head\).*torch.flatten\(out, 1\)"):
         UniformDetector(_ConvHead().eval(), progress=False).fit(*data)
 
 
@@ -337,3 +338,70 @@ def test_an_ambiguous_output_names_every_candidate_for_logits(data):
                                           r"with logits=0 or logits=1\.") as e:
         UniformDetector(FeaturesAndLogits().eval(), progress=False).fit(*data)
     assert "Traceback" not in str(e.value)
+
+
+# ------------------------------------------------------------ session 19: recurrent models
+class BiLSTM(nn.Module):
+    """Digits read as 8 rows of 8 pixels, both directions; the head reads each direction's
+    final state (h_n), as most recurrent classifiers do."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(8, 32, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        _, (h, _) = self.rnn(x)
+        return self.fc(torch.cat([h[0], h[1]], dim=1))
+
+
+def test_a_bidirectional_rnn_is_read_at_each_directions_last_step(tmp_path):
+    from sklearn.datasets import load_digits
+
+    from ufad.exporter.auto_layers import choose
+    from ufad.exporter.taps import resolve_taps
+
+    x, y = load_digits(return_X_y=True)
+    perm = np.random.default_rng(0).permutation(len(x))
+    x, y = (x[perm] / 16).astype(np.float32).reshape(-1, 8, 8), y[perm]
+    torch.manual_seed(0)
+    model = BiLSTM()
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(15):   # ~1 s in all; 95% test accuracy
+        for i in range(0, 1200, 50):
+            loss = nn.functional.cross_entropy(model(torch.as_tensor(x[i:i + 50])), torch.as_tensor(y[i:i + 50]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    # "last" of a bidirectional RNN: the forward half at step T-1 and the backward half at step
+    # 0, i.e. h_n (the backward half at step T-1 had read one step: the first sweep's reading)
+    (tap,) = resolve_taps(model, ["rnn"], torch.as_tensor(x[:4]))
+    assert tap.bidirectional and tap.reduction == "last"
+    with torch.no_grad():
+        out, (h, _) = model.rnn(torch.as_tensor(x[:16]))
+    np.testing.assert_allclose(tap.features(out).numpy(), torch.cat([h[0], h[1]], 1).numpy(), rtol=1e-6)
+    # that IS the head's input here, so the automatic tap reads the sequence over time instead
+    assert choose(model, torch.as_tensor(x[:4])).layers == ["rnn:tokens_max", "fc#in"]
+    det = UniformDetector(model, progress=False).fit(x[:1200], y[:1200]).calibrate(x[1200:1500])
+    assert det.layers == ["rnn:tokens_max", "fc#in", "@sqrt_softmax", "@energy"]
+    det.export(tmp_path / "bilstm.onnx")
+    sess = AnomalySession(tmp_path / "bilstm.onnx", provider="cpu")
+    res = sess.run(x[1500:])
+    noise = sess.run(np.random.default_rng(1).uniform(0, 1, (300, 8, 8)).astype(np.float32))
+    assert np.mean(res.pred == y[1500:]) >= 0.9 and res.is_anomaly.mean() <= 0.12
+    # AUROC, higher score = more anomalous, uniform noise positive: 0.9995 when written (the
+    # h_n copy instead of the time-max: 0.9973)
+    assert metrics.auroc(res.score, noise.score) >= 0.99 and noise.is_anomaly.mean() >= 0.9
+
+
+def test_ufad_layers_refuses_a_convolutional_head_as_export_does(tmp_path):
+    (tmp_path / "conv_head.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 10, 26))\n")
+    proc = subprocess.run([sys.executable, "-m", "ufad.runtime.cli", "layers", "conv_head:build",
+                           "--input-shape", "1,28,28"], cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "logits have shape [B, 10, 1, 1] (a convolutional head)" in proc.stderr + proc.stdout
+

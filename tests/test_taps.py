@@ -68,7 +68,8 @@ def test_1d_maps_and_time_major_sequences():
     assert tap.reduction == "last" and tap.time_major
     out = torch.rand(7, 5, 24)
     np.testing.assert_array_equal(tap.features(out).numpy(), out[-1].numpy())
-    assert choose(seq, torch.rand(5, 7, 8)).layers == ["rnn", "fc#in"]
+    # its head reads the last step (out[-1]): the automatic tap reads the sequence over time
+    assert choose(seq, torch.rand(5, 7, 8)).layers == ["rnn:tokens_max", "fc#in"]
 
 
 def test_bad_specs_are_clear():
@@ -126,6 +127,12 @@ def test_stage_chains_and_averaged_heads():
         "blocks.1", "blocks.3", "blocks.5", "conv_head", "global_pool"]
     googlenet = tv.models.googlenet(num_classes=10, aux_logits=False, init_weights=True).eval()
     assert choose(googlenet, x).layers == ["conv3", "inception3b", "inception4d", "inception5a", "fc#in"]
+    # isotropic (ConvMixer: every block 64 x 16 x 16): evenly spaced blocks, as in a transformer,
+    # not one tap at the stack's end
+    from timm.models.convmixer import ConvMixer
+
+    mixer = ConvMixer(dim=64, depth=6, kernel_size=5, patch_size=2, num_classes=10).eval()
+    assert choose(mixer, x).layers == ["blocks.1", "blocks.3", "blocks.5", "global_pool"]
     deit = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=10, img_size=32, patch_size=8).eval()
     assert choose(deit, x).layers == ["blocks.3", "blocks.7", "blocks.11", "norm", "head_dist#in"]
 

@@ -47,7 +47,7 @@ def layers_command(model_spec, data, input_shape, weights, logits, show_all):
     from ..model_loading import load_factory, load_weights
     from ..outputs import parse_key
     from ..auto_layers import choose
-    from ..taps import DEFAULTS, LONE_OPS, PROBE_SAMPLES, is_time_major
+    from ..taps import DEFAULTS, LONE_OPS, PROBE_SAMPLES, is_time_major, parse_spec
 
     x = _example(data, input_shape)
     model = eager_model(load_factory(model_spec))
@@ -62,6 +62,8 @@ def layers_command(model_spec, data, input_shape, weights, logits, show_all):
                              f"that reads ids, pass {opt('data')} with an .npz whose x holds integer ids.") from None
         raise
     chosen = c.layers
+    # module -> the reduction its automatic tap names (an RNN read over time: "gru:tokens_max")
+    picked = {t.module: t.reduction for t in map(parse_spec, chosen) if t.point == "output"}
     # Text, not a str: a spec such as pkg:cancer must not become markup or an emoji
     table = Table(title=Text(f"{model_spec}: {c.family} (automatic: {', '.join(chosen) or 'none'}; the uniform "
                              "detector adds @sqrt_softmax and @energy)"))
@@ -69,7 +71,7 @@ def layers_command(model_spec, data, input_shape, weights, logits, show_all):
         table.add_column(col, overflow="fold")   # long module names wrap, never cut to "bert.enc…"
     seen = set()
     for r in sorted(c.records, key=lambda r: r.order):
-        if r.name in seen or (not show_all and is_a(r.module, LONE_OPS) and r.name not in chosen):
+        if r.name in seen or (not show_all and is_a(r.module, LONE_OPS) and r.name not in picked):
             continue
         seen.add(r.name)
         kind, shape = r.kind or "-", r.out_type
@@ -77,8 +79,8 @@ def layers_command(model_spec, data, input_shape, weights, logits, show_all):
             major = r.kind in ("tokens", "sequence") and is_time_major(r.module, r.out_shape, min(len(x), PROBE_SAMPLES))
             shape = "x".join(str(d) for i, d in enumerate(r.out_shape) if i != (1 if major else 0))
             kind += " (time-major)" if major else ""
-        table.add_row("*" if r.name in chosen else "", r.name, module_type(r.module).__name__, shape,
-                      kind, DEFAULTS.get(r.kind or "", "-"))
+        table.add_row("*" if r.name in picked else "", r.name, module_type(r.module).__name__, shape,
+                      kind, picked.get(r.name) or DEFAULTS.get(r.kind or "", "-"))
     for spec in chosen:
         if spec.endswith("#in"):
             table.add_row("*", spec, "(input of the head)", "", "vector", "none")
