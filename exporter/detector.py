@@ -29,9 +29,9 @@ from .auto_layers import default_layers
 from .model_kinds import eager_layer_name, eager_model
 from .data import ArrayLike, Data, Rows, as_input, check_labels, check_tpr, input_array, iter_batches, progress
 from .onnx_export import PARITY_RTOL
-from .outputs import LogitsKey, check_logits, parse_key, pick_logits
+from .outputs import LogitsKey, check_logits, output_kind, parse_key, pick_logits
 from .registry import Option, register
-from .taps import (ENERGY, SOFTMAX, SOFTMAX_TOP, TOP_K, ActivationCapture, Tap, check_map_reduction,
+from .taps import (ENERGY, PROBE_SAMPLES, SOFTMAX, SOFTMAX_TOP, TOP_K, ActivationCapture, Tap, check_map_reduction,
                    resolve_layers, resolve_taps, run_model)
 
 RANGE_POLICIES = ("auto", *fmt.RANGE_POLICIES)
@@ -210,7 +210,9 @@ class Detector:
             self.layers = self.automatic_layers(first)
         if not self.uses_layers:
             self.layers = []
-        self.taps = resolve_taps(self.model, self.layers, first, self.reduction)
+        with torch.no_grad():
+            kind = output_kind(pick_logits(run_model(self.model, first[:PROBE_SAMPLES]), self.logits))
+        self.taps = resolve_taps(self.model, self.layers, first, self.reduction, kind == "probabilities")
 
     def automatic_layers(self, example: torch.Tensor) -> list[str]:
         """The taps used when none are given (``taps.default_layers``; detectors that read

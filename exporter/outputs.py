@@ -49,6 +49,21 @@ def describe(out: Any) -> str:
     return f"{type(out).__name__}({shown})"
 
 
+def output_kind(logits: torch.Tensor) -> str:
+    """What a model's "logits" are: ``"log_probabilities"`` (log_softmax: every row's logsumexp
+    is 0), ``"probabilities"`` (softmax: rows of non-negative numbers summing to 1) or
+    ``"logits"``. Told from a few rows (a few probe samples suffice: raw logits that happen to
+    pass either test on every row are not a real case)."""
+    x = logits.double()
+    if not len(x):
+        return "logits"
+    if bool((torch.logsumexp(x, dim=1).abs() <= 1e-4).all()):
+        return "log_probabilities"
+    if bool((x >= 0).all()) and bool(((x.sum(dim=1) - 1).abs() <= 1e-4).all()):
+        return "probabilities"
+    return "logits"
+
+
 def check_logits(logits: torch.Tensor) -> None:
     """Refuse logits that are not floating ``[B, classes]``, saying what to change."""
     shape = "[B" + "".join(f", {d}" for d in logits.shape[1:]) + "]"   # the probe's batch size means nothing to a user

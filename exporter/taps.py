@@ -48,6 +48,8 @@ SOFTMAX = "@sqrt_softmax"
 SOFTMAX_TOP = "@sqrt_softmax_top10"
 ENERGY = "@energy"
 TOP_K = 10
+#: log() of a model's probabilities reads at least this (a softmax rounds tiny ones to 0)
+PROBABILITY_FLOOR = 1e-30
 #: output taps: computed from the logits, not hooked on a module
 OUTPUT_TAPS = (SOFTMAX, SOFTMAX_TOP, ENERGY)
 MAP_REDUCTIONS = ("max", "mean", "flatten")
@@ -88,6 +90,7 @@ class Tap:
     time_major: bool = False   # an RNN without batch_first: [T, B, H]
     channel_last: bool = False  # a [B, H, W, C] map (Swin's blocks): channels on the last axis
     bidirectional: bool = False  # a bidirectional RNN's output: [forward | backward] halves
+    from_probabilities: bool = False  # an output tap of a model that returns softmax probabilities
 
     @property
     def is_softmax(self) -> bool:
@@ -96,7 +99,11 @@ class Tap:
 
     def output_features(self, logits: torch.Tensor) -> torch.Tensor:
         """``[B, C]`` sqrt(softmax), its ``TOP_K`` largest entries sorted (``SOFTMAX_TOP``), or
-        ``[B, 1]`` -logsumexp(logits) (``ENERGY``)."""
+        ``[B, 1]`` -logsumexp(logits) (``ENERGY``). A model that returns probabilities p gets
+        them from log p: sqrt(softmax(log p)) = sqrt(p), where sqrt(softmax(p)) would squash
+        every distribution towards uniform."""
+        if self.from_probabilities:
+            logits = torch.log(logits.float().clamp_min(PROBABILITY_FLOOR))
         if self.spec == ENERGY:
             return -torch.logsumexp(logits.float(), dim=1, keepdim=True)
         p = torch.sqrt(torch.softmax(logits.float(), dim=1))
@@ -343,8 +350,10 @@ def check_map_reduction(reduction: str) -> None:
 
 
 def resolve_taps(model: nn.Module, layers: Sequence[str], example: torch.Tensor,
-                 map_reduction: str = "max") -> list[Tap]:
-    """Tap specs -> Taps with their reduction settled by the kind of what they see."""
+                 map_reduction: str = "max", probabilities: bool = False) -> list[Tap]:
+    """Tap specs -> Taps with their reduction settled by the kind of what they see;
+    ``probabilities``: the model returns softmax probabilities (``outputs.output_kind``), which
+    the output taps read as log p."""
     check_map_reduction(map_reduction)
     resolve_layers(model, layers)
     records, _ = probe(model, example)
@@ -354,7 +363,7 @@ def resolve_taps(model: nn.Module, layers: Sequence[str], example: torch.Tensor,
     for spec in layers:
         tap = parse_spec(spec)
         if tap.is_softmax:
-            taps.append(tap)
+            taps.append(dataclasses.replace(tap, from_probabilities=probabilities))
             continue
         rec = by_name.get(tap.module)
         if rec is None:

@@ -51,7 +51,7 @@ from ufad.runtime.errors import ExportError, capped, opt
 from .. import boundaries
 from ..taps import ENERGY, OUTPUT_TAPS, SOFTMAX, SOFTMAX_TOP, run_model
 from ..detector import Detector
-from ..outputs import pick_logits
+from ..outputs import output_kind, pick_logits
 from ..registry import Option
 from ..feature_maps import MAX_WHITEN_DIM, LayerMoments
 from .uniform_head import (BallLayerRegions, CodebookLayerRegions, ConsistencyLayerRegions, RBFLayerRegions,
@@ -88,12 +88,6 @@ def _inputs(region: nn.Module, li: int, fs: Sequence[np.ndarray]) -> list[torch.
 def _ids(ids: Sequence[int], cap: int = 12) -> str:
     """A list of class ids for a message, capped (a 1000-class model can miss hundreds)."""
     return f"[{capped(ids, cap)}]"
-
-
-def _log_probabilities(logits: torch.Tensor) -> bool:
-    """Are these "logits" already log-probabilities (every row's logsumexp is 0)?"""
-    lse = torch.logsumexp(logits.double(), dim=1)
-    return bool(len(lse)) and bool((lse.abs() <= 1e-4).all())
 
 
 class UniformDetector(Detector):
@@ -179,9 +173,10 @@ class UniformDetector(Detector):
     def automatic_layers(self, example: torch.Tensor) -> list[str]:
         with torch.no_grad():
             logits = pick_logits(run_model(self.model, example[:2]), self.logits)
-        # A model that returns log-probabilities (log_softmax) has an energy of 0 up to rounding:
-        # a column of pure rounding noise, rescaled to the other layers', would decide the score.
-        energy = [] if _log_probabilities(logits) else [ENERGY]
+        # A model that returns (log-)probabilities (softmax / log_softmax) has an energy of 0 up to
+        # rounding: a column of pure rounding noise, rescaled to the other layers', would decide
+        # the score.
+        energy = [] if output_kind(logits) != "logits" else [ENERGY]
         return [*super().automatic_layers(example), SOFTMAX if logits.shape[1] <= MANY_CLASSES else SOFTMAX_TOP,
                 *energy]
 
@@ -231,10 +226,12 @@ class UniformDetector(Detector):
             ok = np.ones(len(pred), bool) if y is None else (pred == y.numpy())
             f_np = [f.numpy().astype(np.float64) for f in feats]
             if moments is None:
-                if ENERGY in self.layers and _log_probabilities(logits):
+                kind = output_kind(logits)
+                if ENERGY in self.layers and kind != "logits":
+                    what = "log-probabilities (log_softmax" if kind == "log_probabilities" else "probabilities (softmax, read as log p"
                     raise ExportError(
-                        f"{ENERGY!r} is -logsumexp(logits), and this model returns log-probabilities "
-                        "(log_softmax: logsumexp = 0 for every input), so it would be a column of "
+                        f"{ENERGY!r} is -logsumexp(logits), and this model returns {what}: logsumexp = 0 "
+                        "for every input), so it would be a column of "
                         f"rounding noise; drop {ENERGY!r} from {opt('layers')}.")
                 if self.consistency != "none":
                     self._consistency_layers()   # a wrong setting fails at the first batch, not after the pass
