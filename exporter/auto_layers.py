@@ -173,7 +173,9 @@ def _spread(picks: list[Record]) -> list[str]:
     gone (``_without_copy_of``): counted before, a ShuffleNet or RegNet at 32x32 lost its stem,
     its only map above 4x4, and then that copy, and flagged 68-90% of uniform noise instead
     of 100%."""
-    if len(picks) >= 5 or (len(picks) >= 3 and not picks[0].is_container):
+    stem = len(picks) >= 5 or (len(picks) >= 3 and not picks[0].is_container)
+    # parallel branches of one input (a text CNN's convolutions of the embedding) hold no stem
+    if stem and picks[0].in_ids != picks[1].in_ids:
         picks = picks[1:]                                            # the stem
     return [p.name for p in _evenly(picks, MAX_AUTO_STAGES)]
 

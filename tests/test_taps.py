@@ -72,6 +72,27 @@ def test_1d_maps_and_time_major_sequences():
     assert choose(seq, torch.rand(5, 7, 8)).layers == ["rnn:tokens_max", "fc#in"]
 
 
+class TextCNN(nn.Module):
+    """Kim's text CNN: parallel convolutions of the embedding, max over time, one linear head."""
+
+    def __init__(self, vocab=17, d=32):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.convs = nn.ModuleList([nn.Conv1d(d, 16, k) for k in (3, 4, 5)])
+        self.fc = nn.Linear(48, 10)
+
+    def forward(self, ids):
+        e = self.emb(ids).transpose(1, 2)
+        return self.fc(torch.cat([torch.relu(c(e)).amax(-1) for c in self.convs], 1))
+
+
+def test_parallel_branches_of_one_input_are_all_tapped():
+    # three branches at three lengths looked like three stages, and the first one like a stem
+    # (the session-16 sweep: convs.1 and convs.2 only)
+    assert choose(TextCNN().eval(), torch.randint(0, 17, (2, 64))).layers == [
+        "convs.0", "convs.1", "convs.2", "fc#in"]
+
+
 def test_bad_specs_are_clear():
     model = Tokens().eval()
     with pytest.raises(ExportError, match="unknown reduction 'median'"):
