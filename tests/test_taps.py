@@ -88,9 +88,9 @@ class TextCNN(nn.Module):
 
 def test_parallel_branches_of_one_input_are_all_tapped():
     # three branches at three lengths looked like three stages, and the first one like a stem
-    # (the session-16 sweep: convs.1 and convs.2 only)
+    # (the session-16 sweep: convs.1 and convs.2 only); the embedding's output comes first
     assert choose(TextCNN().eval(), torch.randint(0, 17, (2, 64))).layers == [
-        "convs.0", "convs.1", "convs.2", "fc#in"]
+        "emb", "convs.0", "convs.1", "convs.2", "fc#in"]
 
 
 def test_bad_specs_are_clear():
