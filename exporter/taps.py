@@ -21,7 +21,7 @@ Output kinds and their reductions to ``[B, D]`` (per channel, never per position
 |---|---|---|
 | ``vector`` | ``[B, D]`` | ``none``, ``l2`` (divided by its L2 norm: Mahalanobis++) |
 | ``map`` | ``[B, C, H, W]``, ``[B, C, T]`` (conv / pool / 1-D conv outputs); ``[B, H, W, C]`` (Swin: ``Tap.channel_last``) | ``max`` (per-channel max over space or time; the detector's ``reduction``), ``mean``, ``flatten`` |
-| ``tokens`` | ``[B, N, D]`` (transformer blocks, norms, embeddings) | ``tokens_mean``, ``tokens_max``, ``cls`` (token 0) |
+| ``tokens`` | ``[B, N, D]`` (transformer blocks, norms, embeddings) | ``tokens_mean``, ``tokens_max``, ``cls`` (token 0); the first two without the pad positions when the input ids go through an embedding with a ``padding_idx`` |
 | ``sequence`` | RNN / GRU / LSTM output (batch-first or not) | ``last`` (last step; of a bidirectional RNN, each direction's last step: the forward half at step T-1, the backward half at step 0), ``tokens_max`` (max over time) |
 
 Which taps are used when none are given is ``auto_layers.py``'s job.
@@ -91,6 +91,7 @@ class Tap:
     channel_last: bool = False  # a [B, H, W, C] map (Swin's blocks): channels on the last axis
     bidirectional: bool = False  # a bidirectional RNN's output: [forward | backward] halves
     from_probabilities: bool = False  # an output tap of a model that returns softmax probabilities
+    pad_id: int | None = None   # tokens of a model whose embedding pads with this id: pads left out
 
     @property
     def is_softmax(self) -> bool:
@@ -111,8 +112,9 @@ class Tap:
             return torch.topk(p, min(TOP_K, p.shape[1]), dim=1, sorted=True).values
         return p
 
-    def features(self, t: torch.Tensor) -> torch.Tensor:
-        """Reduce the tapped tensor to ``[B, D]`` float32 with this tap's reduction."""
+    def features(self, t: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Reduce the tapped tensor to ``[B, D]`` float32 with this tap's reduction; ``ids``: the
+        model's input, whose ``pad_id`` positions a token reduction leaves out."""
         how = self.reduction
         if how == "l2" and t.dim() == 2:
             t = t.float()
@@ -136,7 +138,19 @@ class Tap:
             return t[:, -1].float()
         if how == "cls":
             return t[:, 0].float()
+        if self.pad_id is not None and ids is not None and tuple(ids.shape) == tuple(t.shape[:2]):
+            return self._without_pads(t, ids != self.pad_id)
         return (t.mean(dim=1) if how == "tokens_mean" else t.amax(dim=1)).float()
+
+    def _without_pads(self, t: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """``tokens_mean`` / ``tokens_max`` over the real (non-pad) positions ``real [B, N]``: a
+        padded sentence reads like its unpadded self, whatever its length. A row of pads only
+        falls back to every position."""
+        keep = real.unsqueeze(-1)
+        if self.reduction == "tokens_mean":
+            n = keep.sum(dim=1).to(t.dtype)
+            return torch.where(n > 0, (t * keep).sum(dim=1) / n.clamp_min(1), t.mean(dim=1)).float()
+        return torch.where(keep.any(dim=1), t.masked_fill(~keep, float("-inf")).amax(dim=1), t.amax(dim=1)).float()
 
 
 def parse_spec(spec: str) -> Tap:
@@ -349,6 +363,17 @@ def check_map_reduction(reduction: str) -> None:
                           f"{list(MAP_REDUCTIONS)}")
 
 
+def pad_id_of(records: Sequence[Record], example: torch.Tensor) -> int | None:
+    """The ``padding_idx`` of the embedding that reads the model's input ids (None: no such
+    embedding, or it declares none)."""
+    if example.is_floating_point():
+        return None
+    shape = tuple(example[:PROBE_SAMPLES].shape)
+    emb = next((r.module for r in records if is_a(r.module, nn.Embedding) and r.in_shape == shape), None)
+    pad = getattr(emb, "padding_idx", None)
+    return None if pad is None else int(pad)      # torch stores a negative padding_idx as its row
+
+
 def resolve_taps(model: nn.Module, layers: Sequence[str], example: torch.Tensor,
                  map_reduction: str = "max", probabilities: bool = False) -> list[Tap]:
     """Tap specs -> Taps with their reduction settled by the kind of what they see;
@@ -358,6 +383,7 @@ def resolve_taps(model: nn.Module, layers: Sequence[str], example: torch.Tensor,
     resolve_layers(model, layers)
     records, _ = probe(model, example)
     n = len(example[:PROBE_SAMPLES])   # the batch size probe() ran
+    pad = pad_id_of(records, example)
     by_name = {r.name: r for r in records}
     taps = []
     for spec in layers:
@@ -395,7 +421,9 @@ def resolve_taps(model: nn.Module, layers: Sequence[str], example: torch.Tensor,
         channel_last = kind == "map" and tap.point == "output" and rec.channel_last
         bidirectional = (kind == "sequence" and tap.point == "output"
                          and bool(getattr(rec.module, "bidirectional", False)))
-        taps.append(Tap(spec, tap.module, tap.point, red, time_major, channel_last, bidirectional))
+        pad_id = pad if red in ("tokens_mean", "tokens_max") else None
+        taps.append(Tap(spec, tap.module, tap.point, red, time_major, channel_last, bidirectional,
+                        pad_id=pad_id))
     return taps
 
 
@@ -426,9 +454,16 @@ class ActivationCapture:
         self.layers = [t.spec for t in self.taps]
         self._out: dict[str, torch.Tensor] = {}
         self._handles = []
+        self._ids: torch.Tensor | None = None
+        if any(t.pad_id is not None for t in self.taps):
+            # the model's input ids, for the token taps that leave pads out
+            self._handles.append(model.register_forward_pre_hook(self._ids_hook))
         for tap, mod in zip(self.taps, resolve_layers(model, self.layers)):
             if mod is not None:
                 self._handles.append(mod.register_forward_hook(self._hook(tap)))
+
+    def _ids_hook(self, _model, inputs):
+        self._ids = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
 
     def _hook(self, tap: Tap):
         def hook(_module, inputs, output):
@@ -437,7 +472,7 @@ class ActivationCapture:
                 raise ExportError(
                     f"layer {tap.module!r} returns {type(output).__name__}, not a tensor; monitor a "
                     "module whose output is a single tensor (e.g. a submodule of it).")
-            self._out[tap.spec] = tap.features(t)
+            self._out[tap.spec] = tap.features(t, self._ids if tap.pad_id is not None else None)
         return hook
 
     def collect(self, logits: torch.Tensor) -> list[torch.Tensor]:

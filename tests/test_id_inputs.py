@@ -144,3 +144,81 @@ def test_a_served_request_of_ids_is_read_as_ids(id_file, digits_ids):
     assert arr.dtype == np.int64 and arr.shape == (2, 64)
     with pytest.raises(InputError, match="reads integer ids"):
         parse_score_request(json.dumps({"inputs": [[0.5] * 64]}).encode(), spec)
+
+
+# ------------------------------------------------------------------ padded token sequences
+PAD = 17
+
+
+class PaddedText(nn.Module):
+    """A text transformer over padded id sequences, as such models are written: the embedding
+    declares its pad id, attention ignores pads, the head averages the real tokens."""
+
+    def __init__(self, d: int = 32):
+        super().__init__()
+        import torch
+
+        self.embed = nn.Embedding(PAD + 1, d, padding_idx=PAD)
+        self.pos = nn.Parameter(0.1 * torch.randn(1, 64, d))
+        layer = nn.TransformerEncoderLayer(d, 4, 64, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, ids):
+        pad = ids == PAD
+        h = self.encoder(self.embed(ids) + self.pos[:, :ids.shape[1]], src_key_padding_mask=pad)
+        keep = (~pad).unsqueeze(-1).to(h.dtype)
+        return self.head((h * keep).sum(1) / keep.sum(1).clamp_min(1))
+
+
+def test_token_taps_leave_the_embeddings_pad_positions_out(digits_ids, tmp_path):
+    import torch
+
+    from ufad.exporter.eval import metrics
+    from ufad.exporter.taps import ActivationCapture
+
+    x, y = digits_ids
+    rng = np.random.default_rng(0)
+
+    def padded(ids: np.ndarray) -> np.ndarray:   # each sequence cut to 40..64 real ids
+        ids = ids.copy()
+        for row, n in zip(ids, rng.integers(40, 65, len(ids))):
+            row[n:] = PAD
+        return ids
+
+    x = padded(x)
+    torch.manual_seed(0)
+    model = PaddedText()
+    opt = torch.optim.Adam(model.parameters(), 2e-3)
+    for _ in range(15):
+        for i in range(0, 1500, 50):
+            loss = nn.functional.cross_entropy(model(torch.as_tensor(x[i:i + 50])), torch.as_tensor(y[i:i + 50]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    det = UniformDetector(model, progress=False).fit(x[:1200], y[:1200]).calibrate(x[1200:1500])
+    assert det.layers[:3] == ["embed", "encoder.layers.0", "encoder.layers.1"], det.layers
+    assert [t.pad_id for t in det.taps[:3]] == [PAD] * 3
+    # a padded sentence reads like its unpadded self: the taps average its real tokens only
+    # (before: the mean over all 64 positions, pads included, moved with the sentence's length)
+    row = x[1500]
+    n = int((row != PAD).sum())
+    cap = ActivationCapture(model, det.taps[:3])
+    feats = []
+    with torch.no_grad():
+        for ids in (row[None], row[None, :n]):
+            model(torch.as_tensor(ids))
+            feats.append([f.numpy() for f in cap.collect(None)])
+    cap.remove()
+    assert n < 64
+    for a, b in zip(*feats):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    det.export(tmp_path / "padded.onnx")
+    sess = AnomalySession(tmp_path / "padded.onnx", provider="cpu")
+    res = sess.run(x[1500:])
+    np.testing.assert_allclose(res.score, det.score(x[1500:])["score"], rtol=1e-3, atol=1e-3)
+    noise = sess.run(padded(rng.integers(0, PAD, (300, 64))))
+    # AUROC, higher score = more anomalous, random ids (padded alike) positive: 0.9999 when
+    # written (0.9965 averaging the pads too)
+    assert metrics.auroc(res.score, noise.score) >= 0.99 and noise.is_anomaly.mean() >= 0.95
