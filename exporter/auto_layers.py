@@ -4,7 +4,8 @@
   resolution or width changes, at most ``MAX_AUTO_STAGES`` (a chain of stages inside the
   spine stands for its stages; an isotropic stack, one shape throughout, for three evenly
   spaced blocks); never a lone activation / norm / pool / dropout /
-  parameter-free reshape; the stem only in shallow nets; not a last stage that equals the
+  parameter-free reshape; the stem only in shallow nets and mobile nets (depthwise-separable
+  blocks); not a last stage that equals the
   penultimate features (a 1x1 map that is only pooled into the head);
 - transformers: three evenly spaced block outputs and the final norm;
 - RNNs: the recurrent module's output (its last step; over time when the head reads that step);
@@ -168,17 +169,34 @@ def _stages(records: list[Record], x_shape: tuple[int, ...], head_order: int) ->
     return picks
 
 
-def _spread(picks: list[Record]) -> list[str]:
+def _spread(picks: list[Record], depthwise: bool = False) -> list[str]:
     """At most ``MAX_AUTO_STAGES`` of the stages, evenly spread; the stem (the first stage)
-    only in shallow nets. Counted after a last stage that copies the penultimate features is
-    gone (``_without_copy_of``): counted before, a ShuffleNet or RegNet at 32x32 lost its stem,
-    its only map above 4x4, and then that copy, and flagged 68-90% of uniform noise instead
-    of 100%."""
+    only in shallow nets and in nets of depthwise-separable blocks. Counted after a last stage
+    that copies the penultimate features is gone (``_without_copy_of``): counted before, a
+    ShuffleNet or RegNet at 32x32 lost its stem, its only map above 4x4, and then that copy,
+    and flagged 68-90% of uniform noise instead of 100%."""
     stem = len(picks) >= 5 or (len(picks) >= 3 and not picks[0].is_container)
     # parallel branches of one input (a text CNN's convolutions of the embedding) hold no stem
     if stem and picks[0].in_ids != picks[1].in_ids:
+        if depthwise:
+            # Mobile nets narrow their early stages to 16-24 channels, and their full-convolution
+            # stem is their richest high-resolution view. Trained on MNIST as 3x32x32, AUROC
+            # vs Fashion-MNIST with / without it: MobileNetV3-small 0.872 -> 0.933, MobileNetV2
+            # 0.933 -> 0.965 (uniform noise 0.976 -> 0.996), MNASNet 0.895 -> 0.931; on
+            # ResNet-18 and Swin the stem changed nothing (0.9937 / 0.9951, 0.9888 / 0.9879),
+            # so those keep their taps and their latency.
+            return [picks[0].name] + [p.name for p in _evenly(picks[1:], MAX_AUTO_STAGES)]
         picks = picks[1:]                                            # the stem
     return [p.name for p in _evenly(picks, MAX_AUTO_STAGES)]
+
+
+def _depthwise(records: list[Record]) -> bool:
+    """Whether the net holds depthwise convolutions (one group per input channel: MobileNet,
+    MNASNet, EfficientNet blocks)."""
+    def dw(m: nn.Module) -> bool:
+        groups = getattr(m, "groups", 1)
+        return is_a(m, (nn.Conv1d, nn.Conv2d)) and groups > 1 and groups == getattr(m, "in_channels", None)
+    return any(dw(r.module) for r in records)
 
 
 def _blocks(records: list[Record], head_order: int) -> list[str]:
@@ -274,7 +292,7 @@ def choose(model: nn.Module, example: torch.Tensor, logits_key: Any = None) -> C
         stages = _stages(records, x_shape, head_order)
         family = "cnn" if stages else ""
         kept = _without_copy_of(model, example, [r.name for r in stages], pen, logits_key)
-        hidden = _spread([r for r in stages if r.name in kept])
+        hidden = _spread([r for r in stages if r.name in kept], _depthwise(records))
     if not hidden:
         hidden = _hidden_vectors(records, head_order, pen)
         family = "mlp" if hidden else "unknown"
