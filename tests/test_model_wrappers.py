@@ -283,13 +283,19 @@ def test_a_flat_or_training_mode_program_is_refused_with_what_to_pass(reference_
         UniformDetector(_program(training), progress=False)
 
 
+def ufad_layers(tmp_path, spec: str, source: str) -> subprocess.CompletedProcess:
+    """``ufad layers SPEC --input-shape 1,28,28`` in a fresh process, the factory's module
+    written from ``source``."""
+    (tmp_path / f"{spec.split(':')[0]}.py").write_text(source)
+    return subprocess.run([sys.executable, "-m", "ufad.runtime.cli", "layers", spec, "--input-shape", "1,28,28"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=180)
+
+
 def test_ufad_layers_shows_a_programs_original_layer_types(tmp_path):
-    (tmp_path / "shipped_net.py").write_text(
-        "import torch\nfrom ufad.models import mnist_cnn\n"
-        "def program():\n"
-        "    return torch.export.export(mnist_cnn.pretrained(), (torch.zeros(2, 1, 28, 28),))\n")
-    proc = subprocess.run([sys.executable, "-m", "ufad.runtime.cli", "layers", "shipped_net:program",
-                           "--input-shape", "1,28,28"], cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    proc = ufad_layers(tmp_path, "shipped_net:program",
+                       "import torch\nfrom ufad.models import mnist_cnn\n"
+                       "def program():\n"
+                       "    return torch.export.export(mnist_cnn.pretrained(), (torch.zeros(2, 1, 28, 28),))\n")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = " ".join(proc.stdout.split())    # the title wraps at the table's width
     assert "automatic: block1, block2, block3, penultimate" in out
@@ -391,12 +397,10 @@ def test_a_bidirectional_rnn_is_read_at_each_directions_last_step(digit_tokens, 
 
 
 def test_ufad_layers_refuses_a_convolutional_head_as_export_does(tmp_path):
-    (tmp_path / "conv_head.py").write_text(
-        "import torch\n"
-        "def build():\n"
-        "    return torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 10, 26))\n")
-    proc = subprocess.run([sys.executable, "-m", "ufad.runtime.cli", "layers", "conv_head:build",
-                           "--input-shape", "1,28,28"], cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    proc = ufad_layers(tmp_path, "conv_head:build",
+                       "import torch\n"
+                       "def build():\n"
+                       "    return torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 10, 26))\n")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "logits have shape [B, 10, 1, 1] (a convolutional head)" in proc.stderr + proc.stdout
 

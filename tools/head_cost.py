@@ -1,7 +1,7 @@
 """What the detector's head costs at batch 1, split by cause: graph variants of one exported RBF
 detector, each timed against the bare model in fresh processes, alternating, over ``--rounds``.
 
-    python tools/head_cost.py BARE.onnx DETECTOR.onnx [--rounds 5] [--calls 2000] [--in-process]
+    python tools/head_cost.py BARE.onnx DETECTOR.onnx [--rounds 5] [--calls 2000]
 
 Variants (timing only: the variants' scores are not the detector's):
 
@@ -15,6 +15,8 @@ Variants (timing only: the variants' scores are not the detector's):
   m_l / 2 and m_l / 4 (the first ones): what fewer support vectors would save.
 
 Same session options as ``ufad bench`` (``ort_session_options``: 2 threads, sequential).
+Fresh processes, not one process holding every session: there, the idle sessions' thread
+pools slowed the bare model 2x.
 BENCHMARKS.md, "ResNet-18 at batch 1, session 19", has the numbers from the session-15
 detectors (``tools/head_variants.py fit``).
 """
@@ -54,25 +56,6 @@ def _time_one(path: str, calls: int, threads: int) -> float:
         sess.run(outs, feed)
         t.append(time.perf_counter() - t0)
     return float(np.median(t) * 1e6)
-
-
-def _time_in_process(files: dict[str, str], calls: int, threads: int) -> dict[str, list[float]]:
-    """Every variant's session in this one process, timed in alternating blocks
-    (``time_interleaved``): no process-to-process spread (a process's own speed varies here by
-    up to a quarter), at the price of the sessions sharing one address space. Per-call us."""
-    import onnxruntime as ort
-
-    from ufad.exporter.bench.timing import ort_session_options, time_interleaved
-
-    fns = {}
-    for k, path in files.items():
-        sess = ort.InferenceSession(path, ort_session_options(threads), providers=["CPUExecutionProvider"])
-        inp = sess.get_inputs()[0]
-        shape = [1 if not isinstance(d, int) else d for d in inp.shape]
-        feed = {inp.name: np.random.default_rng(0).uniform(0, 1, shape).astype(np.float32)}
-        outs = [o.name for o in sess.get_outputs()][:5]
-        fns[k] = lambda sess=sess, outs=outs, feed=feed: sess.run(outs, feed)
-    return {k: [x * 1e6 for x in v] for k, v in time_interleaved(fns, calls, warmup=200).items()}
 
 
 def _save(model, path: Path) -> str:
@@ -156,8 +139,6 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--in-process", action="store_true",
-                    help="time every variant in one process, in alternating blocks (see _time_in_process)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
@@ -171,11 +152,7 @@ def main() -> None:
                  "sv_half": fewer_support_vectors(a.detector, 0.5, t / "half.onnx"),
                  "sv_quarter": fewer_support_vectors(a.detector, 0.25, t / "quarter.onnx")}
         times: dict[str, list[float]] = {k: [] for k in files}
-        if a.in_process:
-            for _ in range(a.rounds):
-                for k, v in _time_in_process(files, a.calls, a.threads).items():
-                    times[k].append(float(np.median(v)))
-        for _ in range(0 if a.in_process else a.rounds):
+        for _ in range(a.rounds):
             for k, path in files.items():   # fresh processes, alternating: a neighbour slows all alike
                 out = subprocess.run([sys.executable, __file__, str(a.bare), str(a.detector), "--one", path,
                                       "--calls", str(a.calls), "--threads", str(a.threads)],
