@@ -8,7 +8,8 @@
   blocks); not a last stage that equals the
   penultimate features (a 1x1 map that is only pooled into the head);
 - transformers: three evenly spaced block outputs and the final norm;
-- RNNs: the recurrent module's output (its last step; over time when the head reads that step);
+- RNNs: the recurrent module's output (its last step; over time when the head reads that step)
+  and its input, over time;
 - MLPs: the hidden activations before the head;
 - models that read ids: the ``nn.Embedding``'s output as well;
 - always: the penultimate features, found by following the logits tensor back to the input
@@ -285,6 +286,11 @@ def choose(model: nn.Module, example: torch.Tensor, logits_key: Any = None) -> C
     x_shape = tuple(example.shape)
     hidden = _sequence_taps(model, example, _sequences(records, head_order), pen, logits_key)
     family = "rnn" if hidden else ""
+    if hidden and not any(is_a(r.module, nn.Embedding) for r in records):
+        # what enters the first recurrent module, over time: the recurrent outputs alone let
+        # uniform noise through (digits as 8x8 sequences, 2-layer GRU: AUROC 0.9595, 67%
+        # flagged; with this tap 1.0 and 100%). A model that reads ids has its embedding tapped.
+        hidden = [f"{hidden[0].partition(':')[0]}#in", *hidden]
     if not hidden:
         hidden = _blocks(records, head_order)
         family = "transformer" if hidden else ""

@@ -68,8 +68,11 @@ def test_1d_maps_and_time_major_sequences():
     assert tap.reduction == "last" and tap.time_major
     out = torch.rand(7, 5, 24)
     np.testing.assert_array_equal(tap.features(out).numpy(), out[-1].numpy())
-    # its head reads the last step (out[-1]): the automatic tap reads the sequence over time
-    assert choose(seq, torch.rand(5, 7, 8)).layers == ["rnn:tokens_max", "fc#in"]
+    # its head reads the last step (out[-1]): the automatic tap reads the sequence over time,
+    # beside what enters the LSTM (over time too, time-major like its output)
+    assert choose(seq, torch.rand(5, 7, 8)).layers == ["rnn#in", "rnn:tokens_max", "fc#in"]
+    (tap,) = resolve_taps(seq, ["rnn#in"], torch.rand(5, 7, 8))
+    assert tap.reduction == "tokens_mean" and tap.time_major
 
 
 class TextCNN(nn.Module):

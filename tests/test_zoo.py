@@ -200,7 +200,7 @@ FAMILY_TAPS = {   # what the automatic choice must pick, per family
     "resnet18": ["layer1", "layer2", "layer3", "fc#in", "@sqrt_softmax", "@energy"],   # layer4 == fc#in at 1x1
     "vit_tiny": ["blocks.1", "blocks.3", "blocks.5", "norm", "head#in", "@sqrt_softmax", "@energy"],
     "normalised_cnn": ["1.block1", "1.block2", "1.block3", "1.penultimate", "@sqrt_softmax", "@energy"],
-    "gru": ["gru:tokens_max", "fc#in", "@sqrt_softmax", "@energy"],
+    "gru": ["gru#in", "gru:tokens_max", "fc#in", "@sqrt_softmax", "@energy"],
     "tokens": ["embed", "encoder.layers.0", "encoder.layers.1", "head#in", "@sqrt_softmax", "@energy"],   # int64 ids in
     "swin": ["features.1", "features.3", "features.5", "head#in", "@sqrt_softmax", "@energy"],   # per channel of [B, H, W, C]
 }

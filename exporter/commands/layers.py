@@ -83,5 +83,7 @@ def layers_command(model_spec, data, input_shape, weights, logits, show_all):
                       kind, picked.get(r.name) or DEFAULTS.get(r.kind or "", "-"))
     for spec in chosen:
         if spec.endswith("#in"):
-            table.add_row("*", spec, "(input of the head)", "", "vector", "none")
+            head = spec == c.penultimate
+            table.add_row("*", spec, "(input of the head)" if head else f"(input of {spec[:-3]})", "",
+                          "vector" if head else "sequence", "none" if head else "tokens_mean")
     Console().print(table)
