@@ -236,8 +236,8 @@ def _sequences(records: list[Record], head_order: int) -> list[str]:
     return [r.name for r in records if r.kind == "sequence" and r.order < head_order]
 
 
-def _copies_penultimate(model: nn.Module, example: torch.Tensor, tap: str, pen: str | None,
-                        logits_key: Any) -> bool:
+def _copies_penultimate(model: nn.Module, example: torch.Tensor, records: list[Record], tap: str,
+                        pen: str | None, logits_key: Any) -> bool:
     """Whether tap ``tap``'s reduced features ARE the penultimate features, value for value on
     the probe samples: a stage that ends at 1x1 and is only pooled and flattened into the head
     (torchvision ResNets at 32x32: ``layer4`` == ``fc#in``), or an RNN whose last step is what
@@ -247,7 +247,7 @@ def _copies_penultimate(model: nn.Module, example: torch.Tensor, tap: str, pen: 
 
     if pen is None:
         return False
-    cap = ActivationCapture(model, resolve_taps(model, [tap, pen], example))
+    cap = ActivationCapture(model, resolve_taps(model, [tap, pen], example, records=records))
     try:
         with torch.no_grad():
             logits = pick_logits(run_model(model, example), logits_key)
@@ -257,20 +257,20 @@ def _copies_penultimate(model: nn.Module, example: torch.Tensor, tap: str, pen: 
     return last.shape == penult.shape and torch.equal(last, penult)
 
 
-def _without_copy_of(model: nn.Module, example: torch.Tensor, hidden: list[str], pen: str | None,
-                     logits_key: Any) -> list[str]:
+def _without_copy_of(model: nn.Module, example: torch.Tensor, records: list[Record], hidden: list[str],
+                     pen: str | None, logits_key: Any) -> list[str]:
     """``hidden`` without a last stage that copies the penultimate features."""
-    if hidden and _copies_penultimate(model, example, hidden[-1], pen, logits_key):
+    if hidden and _copies_penultimate(model, example, records, hidden[-1], pen, logits_key):
         return hidden[:-1]
     return hidden
 
 
-def _sequence_taps(model: nn.Module, example: torch.Tensor, names: list[str], pen: str | None,
-                   logits_key: Any) -> list[str]:
+def _sequence_taps(model: nn.Module, example: torch.Tensor, records: list[Record], names: list[str],
+                   pen: str | None, logits_key: Any) -> list[str]:
     """The recurrent modules' outputs, at their last step; one whose last step is what the
     classifier reads (``fc(out[:, -1])``, ``fc(h_n)``) is reduced over time instead
     (``:tokens_max``): every step, where the last one would repeat the penultimate tap."""
-    return [f"{n}:tokens_max" if _copies_penultimate(model, example, n, pen, logits_key) else n
+    return [f"{n}:tokens_max" if _copies_penultimate(model, example, records, n, pen, logits_key) else n
             for n in names]
 
 
@@ -284,37 +284,39 @@ def choose(model: nn.Module, example: torch.Tensor, logits_key: Any = None) -> C
     check_logits(logits)      # before the head is searched for: a [B, C, 1, 1] head misleads it
     pen, head_order = _head(records, logits)
     x_shape = tuple(example.shape)
-    hidden = _sequence_taps(model, example, _sequences(records, head_order), pen, logits_key)
+    emb = _embedding(records, head_order)
+    rnns = _sequences(records, head_order)
+    hidden = _sequence_taps(model, example, records, rnns, pen, logits_key)
     family = "rnn" if hidden else ""
-    if hidden and not any(is_a(r.module, nn.Embedding) for r in records):
+    if rnns and emb is None:
         # what enters the first recurrent module, over time: the recurrent outputs alone let
         # uniform noise through (digits as 8x8 sequences, 2-layer GRU: AUROC 0.9595, 67%
         # flagged; with this tap 1.0 and 100%). A model that reads ids has its embedding tapped.
-        hidden = [f"{hidden[0].partition(':')[0]}#in", *hidden]
+        hidden = [f"{rnns[0]}#in", *hidden]
     if not hidden:
         hidden = _blocks(records, head_order)
         family = "transformer" if hidden else ""
     if not hidden:
         stages = _stages(records, x_shape, head_order)
         family = "cnn" if stages else ""
-        kept = _without_copy_of(model, example, [r.name for r in stages], pen, logits_key)
+        kept = _without_copy_of(model, example, records, [r.name for r in stages], pen, logits_key)
         hidden = _spread([r for r in stages if r.name in kept], _depthwise(records))
     if not hidden:
         hidden = _hidden_vectors(records, head_order, pen)
         family = "mlp" if hidden else "unknown"
-    return Choice(hidden=_with_embedding(records, head_order, hidden), penultimate=pen, records=records,
-                  family=family)
+    if emb is not None and emb not in hidden:
+        hidden = [emb, *hidden]
+    return Choice(hidden=hidden, penultimate=pen, records=records, family=family)
 
 
-def _with_embedding(records: list[Record], head_order: int, hidden: list[str]) -> list[str]:
-    """A model that reads ids through an ``nn.Embedding`` also gets the embedding's output
+def _embedding(records: list[Record], head_order: int) -> str | None:
+    """The ``nn.Embedding`` of a model that reads ids, whose output every family taps as well
     (tokens, reduced over them: the input's bag of embedded ids), the one tap that sees which
     ids came in before any mixing. Measured on digits read as 64 ids, AUROC vs random ids: the
     zoo's token transformer 0.9956 -> 1.0 (Fashion-MNIST items as ids 0.851 -> 0.877), a text
     CNN 0.694 -> 0.962."""
-    emb = next((r.name for r in records if r.order < head_order and is_a(r.module, nn.Embedding)
-                and r.kind == "tokens"), None)
-    return hidden if emb is None or emb in hidden else [emb, *hidden]
+    return next((r.name for r in records if r.order < head_order and is_a(r.module, nn.Embedding)
+                 and r.kind == "tokens"), None)
 
 
 def default_layers(model: nn.Module, example: torch.Tensor, logits_key: Any = None) -> list[str]:

@@ -375,13 +375,16 @@ def pad_id_of(records: Sequence[Record], example: torch.Tensor) -> int | None:
 
 
 def resolve_taps(model: nn.Module, layers: Sequence[str], example: torch.Tensor,
-                 map_reduction: str = "max", probabilities: bool = False) -> list[Tap]:
+                 map_reduction: str = "max", probabilities: bool = False,
+                 records: Sequence[Record] | None = None) -> list[Tap]:
     """Tap specs -> Taps with their reduction settled by the kind of what they see;
     ``probabilities``: the model returns softmax probabilities (``outputs.output_kind``), which
-    the output taps read as log p."""
+    the output taps read as log p; ``records``: ``probe(model, example)``'s, when the caller
+    has them already."""
     check_map_reduction(map_reduction)
     resolve_layers(model, layers)
-    records, _ = probe(model, example)
+    if records is None:
+        records, _ = probe(model, example)
     n = len(example[:PROBE_SAMPLES])   # the batch size probe() ran
     pad = pad_id_of(records, example)
     by_name = {r.name: r for r in records}

@@ -47,7 +47,7 @@ def layers_command(model_spec, data, input_shape, weights, logits, show_all):
     from ..model_loading import load_factory, load_weights
     from ..outputs import parse_key
     from ..auto_layers import choose
-    from ..taps import DEFAULTS, LONE_OPS, PROBE_SAMPLES, is_time_major, parse_spec
+    from ..taps import DEFAULTS, LONE_OPS, PROBE_SAMPLES, is_time_major, resolve_taps
 
     x = _example(data, input_shape)
     model = eager_model(load_factory(model_spec))
@@ -62,8 +62,9 @@ def layers_command(model_spec, data, input_shape, weights, logits, show_all):
                              f"that reads ids, pass {opt('data')} with an .npz whose x holds integer ids.") from None
         raise
     chosen = c.layers
-    # module -> the reduction its automatic tap names (an RNN read over time: "gru:tokens_max")
-    picked = {t.module: t.reduction for t in map(parse_spec, chosen) if t.point == "output"}
+    # the automatic taps as the detector resolves them (an RNN read over time: "gru:tokens_max")
+    taps = resolve_taps(model, chosen, torch.from_numpy(x), records=c.records)
+    picked = {t.module: t.reduction for t in taps if t.point == "output"}
     # Text, not a str: a spec such as pkg:cancer must not become markup or an emoji
     table = Table(title=Text(f"{model_spec}: {c.family} (automatic: {', '.join(chosen) or 'none'}; the uniform "
                              "detector adds @sqrt_softmax and @energy)"))
@@ -81,9 +82,9 @@ def layers_command(model_spec, data, input_shape, weights, logits, show_all):
             kind += " (time-major)" if major else ""
         table.add_row("*" if r.name in picked else "", r.name, module_type(r.module).__name__, shape,
                       kind, picked.get(r.name) or DEFAULTS.get(r.kind or "", "-"))
-    for spec in chosen:
-        if spec.endswith("#in"):
-            head = spec == c.penultimate
-            table.add_row("*", spec, "(input of the head)" if head else f"(input of {spec[:-3]})", "",
-                          "vector" if head else "sequence", "none" if head else "tokens_mean")
+    for t in taps:
+        if t.point == "input":
+            head = t.spec == c.penultimate
+            table.add_row("*", t.spec, "(input of the head)" if head else f"(input of {t.module})", "",
+                          "vector" if t.reduction == "none" else "tokens", t.reduction)
     Console().print(table)
