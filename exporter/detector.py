@@ -40,23 +40,27 @@ RANGE_POLICIES = ("auto", *fmt.RANGE_POLICIES)
 class DetectorModule(nn.Module):
     """Model + capture + head: the exact module exported to ONNX and the torch reference.
 
-    forward(x, threshold) -> (logits, pred, score, is_anomaly, layer_scores, *activations)
+    forward(x, threshold) -> (logits, pred, score, is_anomaly, layer_scores, *activations, input_ok)
 
     ``flag_limits`` (range policy "flag"): samples with a value below / above them score +inf
     and are anomalous, so every client of the file applies the rule. ``id_range`` (integer
     inputs): ids are clamped into it before the model, so no client can feed an embedding an
     index it lacks (ONNX Gather fails on one); with ``flag_limits`` such rows are flagged.
+    ``input_limits`` (the range limits, either policy): ``input_ok`` is false for a row with a
+    value beyond them, as it is for a row holding NaN/Inf: a row that needs no special handling.
     """
 
     def __init__(self, model: nn.Module, taps: Sequence[Tap], head: nn.Module,
                  logits: LogitsKey = None, flag_limits: tuple[float, float] | None = None,
-                 id_range: tuple[int, int] | None = None):
+                 id_range: tuple[int, int] | None = None,
+                 input_limits: tuple[float, float] | None = None):
         super().__init__()
         self.id_range = id_range
         self.model = model
         self.head = head
         self.logits_key = logits
         self.flag_limits = flag_limits
+        self.input_limits = input_limits
         self.capture = ActivationCapture(model, taps)
 
     def forward(self, x: torch.Tensor, threshold: torch.Tensor):
@@ -77,18 +81,33 @@ class DetectorModule(nn.Module):
         # the score flags bad rows even when the caller feeds threshold = +inf (NaN <= t is
         # false). 6 cheap graph nodes instead of 10 (isfinite/all/or).
         if x.is_floating_point():
-            probe = (x * 0.0).sum(dim=tuple(range(1, x.dim()))) + score
+            dims = tuple(range(1, x.dim()))
+            nan_rows = (x * 0.0).sum(dim=dims)
+            probe = nan_rows + score
             score = score.masked_fill(torch.isnan(probe), float("inf"))
+            # input_ok lets a runtime skip its own pass over the input (two numpy reductions
+            # cost ~30 us at batch 1 after a model has flushed the caches: BENCHMARKS.md). One
+            # distance from the limits' middle, plus nan_rows: a NaN anywhere makes it false.
+            # The half-width is shrunk by more than float32 rounding: true means inside, and a
+            # runtime judges a false row exactly itself.
+            lo, hi = self.input_limits or (0.0, 0.0)
+            mid, half = (lo + hi) / 2, (hi - lo) / 2
+            half = half - 1e-5 * (abs(mid) + half) if self.input_limits else float(np.finfo(np.float32).max)
+            input_ok = ((x - mid).abs().amax(dim=dims) + nan_rows) <= half
         else:   # ids hold no NaN; only the score can be NaN
             probe = score
             score = score.masked_fill(torch.isnan(score), float("inf"))
+            input_ok = torch.ones_like(pred, dtype=torch.bool)
+            if self.input_limits is not None:
+                flat = raw.flatten(1)
+                input_ok = ((flat >= self.input_limits[0]) & (flat <= self.input_limits[1])).all(dim=1)
         is_anomaly = torch.logical_not(probe <= threshold)
         if self.flag_limits is not None:
             flat = raw.flatten(1)
             oor = ((flat < self.flag_limits[0]) | (flat > self.flag_limits[1])).any(dim=1)
             score = score.masked_fill(oor, float("inf"))
             is_anomaly = is_anomaly | oor
-        return (logits, pred, score, is_anomaly, layer_scores, *feats)
+        return (logits, pred, score, is_anomaly, layer_scores, *feats, input_ok)
 
 
 @dataclass
@@ -331,7 +350,7 @@ class Detector:
         """The export module (model + capture hooks + head). Call ``.capture.remove()`` when done."""
         self._require_fitted()
         return DetectorModule(self.model, self.taps, self.head(), self.logits, self._flag_limits(),
-                              self._id_range()).eval()
+                              self._id_range(), range_limits(self.input_spec())).eval()
 
     def _id_range(self) -> tuple[int, int] | None:
         """The ids seen at fit, which the graph clamps integer inputs into (None: float inputs)."""
@@ -366,7 +385,7 @@ class Detector:
                 warnings.simplefilter("ignore")
                 model64 = copy.deepcopy(self.model).double()
             mod = DetectorModule(model64, self.taps, self.head(), self.logits, self._flag_limits(),
-                                 self._id_range()).eval()
+                                 self._id_range(), range_limits(self.input_spec())).eval()
         except Exception:
             return None
         try:
@@ -391,7 +410,7 @@ class Detector:
 
     def output_names(self) -> list[str]:
         return [fmt.OUT_LOGITS, fmt.OUT_PRED, fmt.OUT_SCORE, fmt.OUT_IS_ANOMALY,
-                fmt.OUT_LAYER_SCORES] + [fmt.activation_output_name(l) for l in self.layers]
+                fmt.OUT_LAYER_SCORES] + [fmt.activation_output_name(l) for l in self.layers] + [fmt.OUT_INPUT_OK]
 
     # --------------------------------------------------------------- calibrate
     @property
@@ -454,6 +473,7 @@ class Detector:
             fmt.OUT_SCORE: "float32 [B]: anomaly score, higher = more anomalous (+inf for NaN)",
             fmt.OUT_IS_ANOMALY: "bool [B]: not (score <= threshold)",
             fmt.OUT_LAYER_SCORES: {"shape": "float32 [B, L]", "columns": self.layer_score_names()},
+            fmt.OUT_INPUT_OK: "bool [B]: every value finite and within the range limits (false: refused or flagged, per range_policy)",
             "activations": {l.output: f"float32 [B, {l.dim}]: " + (
                 "sqrt(softmax(logits))" if l.name == SOFTMAX else
                 "-logsumexp(logits)" if l.name == ENERGY else

@@ -346,6 +346,10 @@ def parity(reference: dict[str, np.ndarray], got: dict[str, np.ndarray], thresho
             f"not written. If this model is known to be this sensitive, pass a larger "
             f"{opt('parity_rtol')} (default {PARITY_RTOL})."
         )
+    ok = reference.get(fmt.OUT_INPUT_OK)
+    if ok is not None and (ok != got[fmt.OUT_INPUT_OK]).any():
+        raise ExportError(f"parity: input_ok differs on {int((ok != got[fmt.OUT_INPUT_OK]).sum())} inputs between "
+                          "torch and onnxruntime; the export is wrong and was not written.")
     return worst, excess, own
 
 

@@ -26,6 +26,10 @@ OUT_PRED = "pred"
 OUT_SCORE = "score"
 OUT_IS_ANOMALY = "is_anomaly"
 OUT_LAYER_SCORES = "layer_scores"
+#: bool [B]: the row's values are all finite and within the range limits (a row that needs
+#: no special handling). Optional (files exported before it lack it): a runtime that finds
+#: it reads it instead of making its own pass over the input.
+OUT_INPUT_OK = "input_ok"
 ACTIVATION_PREFIX = "act_"
 
 # metadata_props keys.

@@ -72,11 +72,15 @@ def check_batch(x: Any, spec: InputSpec, range_check: str = "error") -> tuple[np
 
 
 @functools.lru_cache(maxsize=64)
-def batch_checker(spec: InputSpec, range_check: str = "error") -> Callable[[Any], tuple[np.ndarray, bool | None]]:
+def batch_checker(spec: InputSpec, range_check: str = "error",
+                  deferred: bool = False) -> Callable[[Any], tuple[np.ndarray, bool | None]]:
     """``check_batch`` for one spec, its constants resolved once: at batch 1 the model has
     just flushed the caches, and each attribute or call of the per-call path costs ~10x its
-    warm time (BENCHMARKS.md), so the common case (a float32 C-order batch of the right shape
-    whose values lie within the range limits) reads only locals and two reductions."""
+    warm time (BENCHMARKS.md), so the common case (a batch of the spec's dtype, C-order, of
+    the right shape whose values lie within the range limits) reads only locals and two
+    reductions. ``deferred``: the graph judges the values (its ``input_ok`` output), so that
+    case reads no value at all and returns None; the caller checks the rows the graph
+    rejects with ``check_values``."""
     if range_check not in RANGE_CHECKS:
         raise InputError(f"range_check must be one of {RANGE_CHECKS}, got {range_check!r}")
     ndim, sample, f32 = len(spec.shape), spec.sample_shape, np.dtype(spec.dtype)
@@ -86,6 +90,8 @@ def batch_checker(spec: InputSpec, range_check: str = "error") -> Callable[[Any]
     def check(x: Any) -> tuple[np.ndarray, bool | None]:
         if (type(x) is np.ndarray and x.dtype == f32 and x.ndim == ndim and x.shape[1:] == sample
                 and x.flags.c_contiguous):
+            if deferred:
+                return x, None
             if limits is not None and x.size and low <= x.min() and x.max() <= high:
                 return x, True    # within the limits: finite (NaN fails the comparison) and never refused
             return x, _check_range(x, spec, range_check)
@@ -150,6 +156,13 @@ def _convert_ids(arr: np.ndarray, spec: InputSpec, range_check: str, expected: s
         arr = np.minimum(arr, np.iinfo(np.int64).max)   # beyond any range: still out of range after the cast
     ids = np.ascontiguousarray(arr, dtype=np.int64)
     return ids, _check_range(ids, spec, range_check)
+
+
+def check_values(x: np.ndarray, spec: InputSpec, range_check: str = "error") -> bool | None:
+    """The value check of ``check_batch`` alone, for an array it deferred: refuses values far
+    outside the range (policy ``refuse``, ``range_check="error"``); returns whether all are
+    finite (None when not checked)."""
+    return _check_range(x, spec, range_check)
 
 
 def _check_range(vals: np.ndarray, spec: InputSpec, range_check: str) -> bool | None:

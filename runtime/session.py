@@ -18,14 +18,14 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from . import format as fmt
 from . import integrity, signing
 from .errors import InputError, ModelFileError, ProviderError, opt
-from .inputs import RANGE_CHECKS, batch_checker, out_of_range
+from .inputs import RANGE_CHECKS, batch_checker, check_values, out_of_range
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 MAX_FILE_BYTES = 2 ** 31
@@ -201,12 +201,16 @@ class AnomalySession:
         if provider.lower() == "auto" and PROVIDERS["cuda"] in providers and self.provider != PROVIDERS["cuda"]:
             warnings.warn(f"CUDA is installed but could not be used; running on {self.provider}", RuntimeWarning)
         self.range_check = range_check
-        self._check = batch_checker(self.info.input, range_check)
+        # A file that judges its input itself (input_ok) spares the per-call pass over it.
+        self._graph_checks = fmt.OUT_INPUT_OK in {o.name for o in self._sess.get_outputs()}
+        self._check = batch_checker(self.info.input, range_check, deferred=self._graph_checks)
         # The calibrated threshold is the graph's own default (an initializer, covered by the
         # graph digest and checked equal to the metadata's): it is fed only to override it.
         self.threshold = self.info.threshold
         self._in_name = self.info.input.name
         self._out_names = [fmt.OUT_LOGITS, fmt.OUT_PRED, fmt.OUT_SCORE, fmt.OUT_IS_ANOMALY, fmt.OUT_LAYER_SCORES]
+        if self._graph_checks:
+            self._out_names.append(fmt.OUT_INPUT_OK)
         self._act_names = [l.output for l in self.info.layers]
         self._flag_range = self.info.input.range_policy == "flag"
         # The binding's own run: InferenceSession.run adds ~3 us of Python checks per call
@@ -221,6 +225,7 @@ class AnomalySession:
         cols = ls.get("columns") if isinstance(ls, dict) else None
         self.layer_names = (tuple(str(c) for c in cols) if isinstance(cols, list)
                             else tuple(l.name for l in self.info.layers))
+        self._fast = self._fast_runner() if self._graph_checks else None
 
     def _check_io(self) -> None:
         graph_inputs = {i.name: i for i in self._sess.get_inputs()}
@@ -251,6 +256,10 @@ class AnomalySession:
     def run(self, x: Any, threshold: float | None = None, *, batch_size: int = 1024,
             activations: bool = False) -> ScoreResult:
         """Score a batch ``x`` (see ``ufad.runtime.inputs`` for accepted shapes/dtypes)."""
+        if threshold is None and not activations and self._fast is not None:
+            res = self._fast(x, batch_size)
+            if res is not None:
+                return res
         if batch_size.__class__ is not int:
             try:
                 batch_size = operator.index(batch_size)
@@ -272,6 +281,9 @@ class AnomalySession:
         # At batch 1 the model's weights have just flushed the caches, so every Python object
         # and numpy call here costs ~10x its warm time (BENCHMARKS.md): unpack, don't build dicts.
         logits, pred, score, flagged, layer_scores = cols[:5]   # the order of self._out_names
+        if all_finite is None and self._graph_checks:
+            # The graph's input_ok: all true settles it; else the exact check (it may refuse).
+            all_finite = True if cols[5].all() else check_values(arr, self.info.input, self.range_check)
         nonfinite, oor = np.zeros((2, len(arr)), bool)   # one allocation, two independent rows
         if all_finite:
             is_anomaly = flagged
@@ -286,8 +298,35 @@ class AnomalySession:
             logits=logits, pred=pred, score=score, is_anomaly=is_anomaly, layer_scores=layer_scores,
             threshold=thr, classes=self.classes, layer_names=self.layer_names, provider=self.provider,
             nonfinite=nonfinite, out_of_range=oor,
-            activations=dict(zip(self._act_names, cols[5:])) if activations else {},
+            activations=dict(zip(self._act_names, cols[len(self._out_names):])) if activations else {},
         )
+
+    def _fast_runner(self) -> Callable[[Any, Any], ScoreResult | None]:
+        """``run`` for the common call, its constants resolved once (as ``batch_checker``): an
+        array of the file's dtype, shape and layout, one call's worth of rows, the calibrated
+        threshold, no activations, and every row ``input_ok`` (the graph's own check of the
+        values). Returns None for anything else, and ``run`` takes its general path, which
+        checks everything itself (a batch with a row needing care then runs twice). At batch 1
+        each Python attribute and numpy call after the graph costs ~10x its warm time (the
+        model has just flushed the caches: BENCHMARKS.md), so this reads locals and one bool
+        per row, and makes no numpy reduction."""
+        spec = self.info.input
+        ndarray, zeros, dtype, ndim, sample = np.ndarray, np.zeros, np.dtype(spec.dtype), len(spec.shape), spec.sample_shape
+        names, in_name, run = list(self._out_names), self._in_name, self._run
+        thr, classes, layer_names, provider = self.threshold, self.classes, self.layer_names, self.provider
+
+        def fast(x: Any, batch_size: Any) -> ScoreResult | None:
+            if not (type(x) is ndarray and x.dtype == dtype and x.ndim == ndim and x.shape[1:] == sample
+                    and x.flags.c_contiguous and batch_size.__class__ is int and 0 < len(x) <= batch_size):
+                return None
+            logits, pred, score, flagged, layer_scores, ok = run(names, {in_name: x})
+            if b"\x00" in ok.tobytes():   # numpy bools are bytes 0 / 1; no reduction needed
+                return None
+            nonfinite, oor = zeros((2, len(x)), bool)
+            return ScoreResult(logits=logits, pred=pred, score=score, is_anomaly=flagged, layer_scores=layer_scores,
+                               threshold=thr, classes=classes, layer_names=layer_names, provider=provider,
+                               nonfinite=nonfinite, out_of_range=oor)
+        return fast
 
     def _threshold_feed(self, threshold: Any) -> tuple[float, dict[str, np.ndarray]]:
         """The threshold a result reports and the feed that overrides the graph's default

@@ -87,8 +87,9 @@ def test_unseen_ids_are_flagged_and_never_reach_the_embedding(id_file, digits_id
     assert np.isinf(res.score[[1, 3, 4]]).all() and res.is_anomaly[[1, 3, 4]].all()
     np.testing.assert_array_equal(res.score[[0, 2, 5]], clean.score[[0, 2, 5]])
     # a client that skips the Python checks still gets a verdict, not an onnxruntime error
-    raw = sess._sess.run(["score", "is_anomaly"], {"input": x})
+    raw = sess._sess.run(["score", "is_anomaly", "input_ok"], {"input": x})
     assert np.isinf(raw[0][[1, 3, 4]]).all() and raw[1][[1, 3, 4]].all()
+    assert raw[2].tolist() == [True, False, True, False, False, True]   # the rows needing care
 
 
 def test_refuse_policy_names_the_ids(tmp_path, id_model, digits_ids):
@@ -96,10 +97,11 @@ def test_refuse_policy_names_the_ids(tmp_path, id_model, digits_ids):
     det = UniformDetector(id_model, progress=False, range_policy="refuse").fit(x[:1200], y[:1200])
     det.calibrate(x[1200:1500]).export(tmp_path / "refuse.onnx")
     sess = AnomalySession(tmp_path / "refuse.onnx", provider="cpu")
-    bad = x[1500:1502].copy()
-    bad[0, 0] = 40
-    with pytest.raises(InputError, match=r"ids span \[0, 40\], beyond the ids seen at fit \[0, 16\]"):
+    bad = x[1500:1503].copy()
+    bad[0, 0], bad[2, 7] = 40, -1
+    with pytest.raises(InputError, match=r"ids span \[-1, 40\], beyond the ids seen at fit \[0, 16\]"):
         sess.run(bad)
+    assert sess._sess.run(["input_ok"], {"input": bad})[0].tolist() == [False, True, False]
     scored = AnomalySession(tmp_path / "refuse.onnx", provider="cpu", range_check="off").run(bad)
     assert np.isfinite(scored.score).all()                # clamped into the range, scored
 

@@ -141,7 +141,7 @@ def test_triton_repository_batching(exported_path, session, tmp_path):
     assert by_name["pred"]["data_type"] == ["TYPE_INT64"] and by_name["is_anomaly"]["data_type"] == ["TYPE_BOOL"]
     for layer in session.info.layers:
         assert by_name[layer.output]["dims"] == [[layer.dim]]
-    assert set(by_name) == {"input", "logits", "pred", "score", "is_anomaly", "layer_scores",
+    assert set(by_name) == {"input", "logits", "pred", "score", "is_anomaly", "layer_scores", "input_ok",
                             *(l.output for l in session.info.layers)}
     params = {p["key"][0]: p["value"][0]["string_value"][0] for p in cfg["parameters"]}
     assert float(params["ufad.threshold"]) == session.threshold

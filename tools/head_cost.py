@@ -1,7 +1,7 @@
 """What the detector's head costs at batch 1, split by cause: graph variants of one exported RBF
 detector, each timed against the bare model in fresh processes, alternating, over ``--rounds``.
 
-    python tools/head_cost.py BARE.onnx DETECTOR.onnx [--rounds 5] [--calls 2000]
+    python tools/head_cost.py BARE.onnx DETECTOR.onnx [--rounds 5] [--calls 2000] [--stages]
 
 Variants (timing only: the variants' scores are not the detector's):
 
@@ -13,6 +13,18 @@ Variants (timing only: the variants' scores are not the detector's):
   the same node count, the matrix not read;
 - ``sv_half`` / ``sv_quarter``: every layer's support-vector weights ``[C, D_l, m_l]`` cut to
   m_l / 2 and m_l / 4 (the first ones): what fewer support vectors would save.
+
+With ``--stages``, the detector cut after each part of its work instead (``onnx.utils``'
+extractor keeps what the named outputs need), to show what each part adds:
+
+- ``s1_taps``: the logits and every monitored activation (the tap reductions, ``@`` taps);
+- ``s2_norms``: + the prediction and every layer's ||u||^2 (the concat of the features, the
+  whitening MatMul, the norm MatMul): what any region form reads before its kernel;
+- ``s3_layer_scores``: + the per-class regions (the kernel logits, their log-sum-exp, the
+  z-scores): the detector without its score, NaN guard and verdict;
+- ``detector``: all of it;
+- ``detector_session``: the same file through ``AnomalySession.run`` (``ufad bench``'s way):
+  what the Python runtime adds (its input checks, the result object).
 
 Same session options as ``ufad bench`` (``ort_session_options``: 2 threads, sequential).
 Fresh processes, not one process holding every session: there, the idle sessions' thread
@@ -38,22 +50,32 @@ sys.path.insert(0, str(ROOT))
 
 
 def _time_one(path: str, calls: int, threads: int) -> float:
-    """Median us of ``calls`` batch-1 runs of the first five outputs (after 200 warm-up runs)."""
+    """Median us of ``calls`` batch-1 runs of the first five outputs (after 200 warm-up runs);
+    ``path@session``: the file through ``AnomalySession.run``, as ``ufad bench`` times it."""
     import onnxruntime as ort
 
     from ufad.exporter.bench.timing import ort_session_options
 
+    path, _, via = path.partition("@")
     sess = ort.InferenceSession(path, ort_session_options(threads), providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0]
     shape = [1 if not isinstance(d, int) else d for d in inp.shape]
     feed = {inp.name: np.random.default_rng(0).uniform(0, 1, shape).astype(np.float32)}
     outs = [o.name for o in sess.get_outputs()][:5]
+    call = lambda: sess.run(outs, feed)  # noqa: E731
+    if via == "session":
+        from ufad.runtime import AnomalySession
+
+        del sess
+        det = AnomalySession(path, provider="cpu", threads=threads)
+        x = feed[inp.name]
+        call = lambda: det.run(x)  # noqa: E731
     for _ in range(200):
-        sess.run(outs, feed)
+        call()
     t = []
     for _ in range(calls):
         t0 = time.perf_counter()
-        sess.run(outs, feed)
+        call()
         t.append(time.perf_counter() - t0)
     return float(np.median(t) * 1e6)
 
@@ -132,6 +154,26 @@ def fewer_support_vectors(det: Path, frac: float, out: Path) -> str:
     return _save(m, out)
 
 
+def stages(det: Path, work: Path) -> dict[str, str]:
+    """The detector cut after each part of its work (see the module docstring)."""
+    import onnx
+    import onnx.utils
+
+    from ufad.runtime import format as fmt
+
+    m = onnx.load(str(det))
+    outs = [o.name for o in m.graph.output]
+    acts = [o for o in outs if o.startswith(fmt.ACTIVATION_PREFIX)]
+    norms = [n.output[0] for n in m.graph.node if n.op_type == "MatMul" and "head.norm_w" in n.input]
+    if not norms:
+        raise SystemExit(f"{det}: no norm MatMul (head.norm_w): a fused RBF or ball detector is needed")
+    cuts = {"s1_taps": ["logits", *acts], "s2_norms": ["logits", "pred", *acts, *norms],
+            "s3_layer_scores": ["logits", "pred", *acts, *norms, "layer_scores"]}
+    extractor = onnx.utils.Extractor(m)
+    return {name: _save(extractor.extract_model(["input"], keep), work / f"{name}.onnx")
+            for name, keep in cuts.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bare", type=Path)
@@ -139,6 +181,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--stages", action="store_true", help="time the detector cut after each part of its work")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
@@ -146,11 +189,15 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
-        files = {"bare": str(a.bare), "chain63": chain(a.bare, 63, t / "c63.onnx"),
-                 "chain126": chain(a.bare, 126, t / "c126.onnx"), "detector": str(a.detector),
-                 "diag_whitening": diag_whitening(a.detector, t / "diag.onnx"),
-                 "sv_half": fewer_support_vectors(a.detector, 0.5, t / "half.onnx"),
-                 "sv_quarter": fewer_support_vectors(a.detector, 0.25, t / "quarter.onnx")}
+        if a.stages:
+            files = {"bare": str(a.bare), **stages(a.detector, t), "detector": str(a.detector),
+                     "detector_session": f"{a.detector}@session"}
+        else:
+            files = {"bare": str(a.bare), "chain63": chain(a.bare, 63, t / "c63.onnx"),
+                     "chain126": chain(a.bare, 126, t / "c126.onnx"), "detector": str(a.detector),
+                     "diag_whitening": diag_whitening(a.detector, t / "diag.onnx"),
+                     "sv_half": fewer_support_vectors(a.detector, 0.5, t / "half.onnx"),
+                     "sv_quarter": fewer_support_vectors(a.detector, 0.25, t / "quarter.onnx")}
         times: dict[str, list[float]] = {k: [] for k in files}
         for _ in range(a.rounds):
             for k, path in files.items():   # fresh processes, alternating: a neighbour slows all alike

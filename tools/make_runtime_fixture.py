@@ -16,6 +16,9 @@
   rows, so the runtime tier needs no dataset package.
 
 Deterministic: the same versions of torch / onnx / ufad write the same bytes.
+``mnist_small.onnx`` carries the ``input_ok`` output; ``tabular_small.onnx`` and
+``tokens_small.onnx`` were written before it existed and are kept so: they cover the
+runtime's own value check for such files (``tests/test_input_ok.py`` says if one is rebuilt).
 tests/exporter/test_runtime_fixture.py checks the committed files match the current format.
 """
 

@@ -167,6 +167,34 @@ def test_nan_inf_are_anomalous_in_raw_graph(exported_path, x, feed_threshold):
     assert not np.isnan(score).any()
 
 
+def test_the_graph_judges_the_values_as_the_runtime_does(exported_path, session, x):
+    """``input_ok``: the file checks its input itself (false on a row holding NaN/Inf or a
+    value beyond the range limits), so the session reads one bool per row instead of making
+    its own pass over the input; rows it rejects get the exact check (same refusal as before)."""
+    import onnxruntime as ort
+
+    from ufad.runtime.inputs import range_limits
+
+    low, high = range_limits(session.info.input)
+    rows = np.repeat(x[:1], 8, axis=0)
+    rows[1, 0, 3, 3] = np.nan
+    rows[2, 0, 0, 0] = np.inf
+    rows[3, 0, 5, 5] = -np.inf
+    rows[4, 0, 2, 2] = high + 0.01 * (high - low)
+    rows[5, 0, 2, 2] = low - 0.01 * (high - low)
+    rows[6, 0, 2, 2] = high - 0.01 * (high - low)   # inside, near the limits
+    rows[7, 0, 2, 2] = low + 0.01 * (high - low)
+    sess = ort.InferenceSession(str(exported_path), providers=["CPUExecutionProvider"])
+    (ok,) = sess.run(["input_ok"], {"input": rows})
+    assert ok.tolist() == [True, False, False, False, False, False, True, True]
+    for bad in (4, 5):
+        with pytest.raises(InputError, match="far outside the model's range"):
+            session.run(rows[[0, bad]])
+    res = session.run(rows[[0, 1, 2, 3, 6, 7]])
+    assert res.nonfinite.tolist() == [False, True, True, True, False, False]
+    assert res.is_anomaly[1:4].all() and np.isfinite(res.score[[0, 4, 5]]).all()
+
+
 # ------------------------------------------------------------------------- ranges
 def test_0_255_pixels_are_refused_with_hint(session, x):
     with pytest.raises(InputError, match="divide by 255"):
