@@ -278,6 +278,13 @@ class AnomalySession:
             cols = [np.concatenate([c[k] for c in chunks]) for k in range(len(names))]
         if cols is None:
             return self._empty(thr, self._act_names if activations else [])
+        return self._result(arr, cols, all_finite, thr, activations)
+
+    def _result(self, arr: np.ndarray, cols: list[np.ndarray], all_finite: bool | None, thr: float,
+                activations: bool) -> ScoreResult:
+        """The result of the graph's outputs ``cols`` (in the order of ``_out_names``, then the
+        activations) for the input ``arr``; ``all_finite``: what the input check learnt (None:
+        nothing, the graph's ``input_ok`` decides, and rows it rejects get the exact check)."""
         # At batch 1 the model's weights have just flushed the caches, so every Python object
         # and numpy call here costs ~10x its warm time (BENCHMARKS.md): unpack, don't build dicts.
         logits, pred, score, flagged, layer_scores = cols[:5]   # the order of self._out_names
@@ -305,23 +312,24 @@ class AnomalySession:
         """``run`` for the common call, its constants resolved once (as ``batch_checker``): an
         array of the file's dtype, shape and layout, one call's worth of rows, the calibrated
         threshold, no activations, and every row ``input_ok`` (the graph's own check of the
-        values). Returns None for anything else, and ``run`` takes its general path, which
-        checks everything itself (a batch with a row needing care then runs twice). At batch 1
-        each Python attribute and numpy call after the graph costs ~10x its warm time (the
-        model has just flushed the caches: BENCHMARKS.md), so this reads locals and one bool
-        per row, and makes no numpy reduction."""
+        values; a batch with a row that is not gets ``_result``'s exact check, as in ``run``).
+        Returns None for any other call: ``run`` takes its general path. At batch 1 each
+        Python attribute and numpy call after the graph costs ~10x its warm time (the model
+        has just flushed the caches: BENCHMARKS.md), so this reads locals and one bool per
+        row, and makes no numpy reduction."""
         spec = self.info.input
         ndarray, zeros, dtype, ndim, sample = np.ndarray, np.zeros, np.dtype(spec.dtype), len(spec.shape), spec.sample_shape
-        names, in_name, run = list(self._out_names), self._in_name, self._run
+        names, in_name, run, result = list(self._out_names), self._in_name, self._run, self._result
         thr, classes, layer_names, provider = self.threshold, self.classes, self.layer_names, self.provider
 
         def fast(x: Any, batch_size: Any) -> ScoreResult | None:
             if not (type(x) is ndarray and x.dtype == dtype and x.ndim == ndim and x.shape[1:] == sample
                     and x.flags.c_contiguous and batch_size.__class__ is int and 0 < len(x) <= batch_size):
                 return None
-            logits, pred, score, flagged, layer_scores, ok = run(names, {in_name: x})
+            cols = run(names, {in_name: x})
+            logits, pred, score, flagged, layer_scores, ok = cols
             if b"\x00" in ok.tobytes():   # numpy bools are bytes 0 / 1; no reduction needed
-                return None
+                return result(x, cols, None, thr, False)   # NaN/Inf or out of range: checked exactly
             nonfinite, oor = zeros((2, len(x)), bool)
             return ScoreResult(logits=logits, pred=pred, score=score, is_anomaly=flagged, layer_scores=layer_scores,
                                threshold=thr, classes=classes, layer_names=layer_names, provider=provider,
