@@ -13,7 +13,9 @@ logit margin, entropy), class-agnostic cosine kNN over the taps' activations, an
 agreement probes (a logistic regression from an earlier tap to the model's own prediction,
 fitted on ID with no labels; column = -log p_probe(predicted class)), and kNN distances
 conditioned on the prediction (to the predicted class's correctly classified training points,
-or to those whose top two classes are the input's, in the whitened penultimate space).
+or to those whose top two classes are the input's, in the whitened penultimate space), and the
+runner-up contrast of the consistency regression (does an earlier tap's evidence fit the
+runner-up class better than the predicted one?).
 """
 
 from __future__ import annotations
@@ -112,6 +114,39 @@ def _conditional_knn(out: dict, fit: dict, taps: list[str], k: int, pair: bool, 
     return cols
 
 
+def _runner_up_contrast(out: dict, fit: dict, src: list[str], alpha: float = 1.0) -> dict[str, np.ndarray]:
+    """Does the earlier taps' evidence fit the runner-up class better than the predicted one?
+    Per-class ridge (``alpha``, standardized features, correctly classified training points)
+    from the ``src`` taps to the penultimate tap, as the shipped consistency column fits it;
+    column = log residual under the predicted class - log residual under the runner-up."""
+    acts, y, logits = fit["acts"], fit["y"], fit["logits"]
+    ok = logits.argmax(1) == y
+    xs_all = np.concatenate([acts[f"act_{t}"] for t in src], 1)
+    target = acts["act_" + [t for t in out["ID"]["acts"] if not t.startswith("act__")][-1][len("act_"):]]
+    mx, sx = xs_all[ok].mean(0), xs_all[ok].std(0) + 1e-6
+    my, sy = target[ok].mean(0), target[ok].std(0) + 1e-6
+    w, b = [], []
+    for c in range(logits.shape[1]):
+        m = ok & (y == c)
+        xs, ys = (xs_all[m] - mx) / sx, (target[m] - my) / sy
+        xc, yc = xs - xs.mean(0), ys - ys.mean(0)
+        w.append(np.linalg.solve(xc.T @ xc + alpha * np.eye(xc.shape[1]), xc.T @ yc))
+        b.append(ys.mean(0) - xs.mean(0) @ w[-1])
+    w, b = np.stack(w), np.stack(b)
+    pen = [t for t in out["ID"]["acts"] if not t.startswith("act__")][-1]
+
+    def log_resid(d: dict, cls: np.ndarray) -> np.ndarray:
+        xs = (np.concatenate([d["acts"][f"act_{t}"] for t in src], 1) - mx) / sx
+        r = (d["acts"][pen] - my) / sy - (np.einsum("nd,nde->ne", xs, w[cls]) + b[cls])
+        return np.log((r * r).sum(1) + 1e-9)
+
+    col = {}
+    for n, d in out.items():
+        order = np.argsort(-d["logits"], axis=1)
+        col[n] = log_resid(d, order[:, 0]) - log_resid(d, order[:, 1])
+    return col
+
+
 def _confidence(d: dict) -> dict[str, np.ndarray]:
     z = d["logits"] - d["logits"].max(1, keepdims=True)
     p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
@@ -193,6 +228,8 @@ def main() -> None:
             for pair in (False, True):
                 _report(f"{'pair' if pair else 'class'} kNN k={k} {chosen}", out,
                         _conditional_knn(out, fit, chosen, k, pair), rows)
+    for src in (taps[-2:-1], taps[-3:-1]):   # layer3 / layer2 + layer3 -> penultimate
+        _report(f"runner-up contrast {src}", out, _runner_up_contrast(out, fit, src), rows)
 
 
 if __name__ == "__main__":
