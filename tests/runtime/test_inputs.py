@@ -195,6 +195,28 @@ def test_the_graph_judges_the_values_as_the_runtime_does(exported_path, session,
     assert res.is_anomaly[1:4].all() and np.isfinite(res.score[[0, 4, 5]]).all()
 
 
+def test_a_batch_the_graph_accepts_is_not_read_again(session, x, monkeypatch):
+    """The point of input_ok: with every row ok the session makes no value check of its own
+    (at batch 1 that pass cost ~30 us, BENCHMARKS.md), on the lean path or the general one."""
+    import ufad.runtime.session as session_module
+
+    calls = []
+    monkeypatch.setattr(session_module, "check_values", lambda *a, **k: calls.append(1))
+    session.run(x[:1])
+    session.run(x, threshold=session.threshold, activations=True)   # the general path
+    assert calls == []
+    bad = x[:2].copy()
+    bad[1, 0, 0, 0] = np.nan
+    session.run(bad)
+    assert calls == [1]   # a row the graph rejects is checked exactly, once
+    # The conversion step leaves the values to the graph: it does not even see 0..255 pixels.
+    from ufad.runtime.inputs import batch_checker
+
+    assert batch_checker(session.info.input, "error", deferred=True)(x * 255)[1] is None
+    with pytest.raises(InputError, match="divide by 255"):
+        batch_checker(session.info.input, "error")(x * 255)
+
+
 # ------------------------------------------------------------------------- ranges
 def test_0_255_pixels_are_refused_with_hint(session, x):
     with pytest.raises(InputError, match="divide by 255"):
