@@ -256,10 +256,6 @@ class AnomalySession:
     def run(self, x: Any, threshold: float | None = None, *, batch_size: int = 1024,
             activations: bool = False) -> ScoreResult:
         """Score a batch ``x`` (see ``ufad.runtime.inputs`` for accepted shapes/dtypes)."""
-        if threshold is None and not activations and self._fast is not None:
-            res = self._fast(x, batch_size)
-            if res is not None:
-                return res
         if batch_size.__class__ is not int:
             try:
                 batch_size = operator.index(batch_size)
@@ -268,6 +264,8 @@ class AnomalySession:
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
         arr, all_finite = self._check(x)
+        if threshold is None and not activations and self._fast is not None and 0 < len(arr) <= batch_size:
+            return self._fast(arr, all_finite)
         thr, extra = self._threshold_feed(threshold)
         names = self._out_names + (self._act_names if activations else [])
         if len(arr) <= batch_size:
@@ -308,29 +306,24 @@ class AnomalySession:
             activations=dict(zip(self._act_names, cols[len(self._out_names):])) if activations else {},
         )
 
-    def _fast_runner(self) -> Callable[[Any, Any], ScoreResult | None]:
-        """``run`` for the common call, its constants resolved once (as ``batch_checker``): an
-        array of the file's dtype, shape and layout, one call's worth of rows, the calibrated
-        threshold, no activations, and every row ``input_ok`` (the graph's own check of the
-        values; a batch with a row that is not gets ``_result``'s exact check, as in ``run``).
-        Returns None for any other call: ``run`` takes its general path. At batch 1 each
-        Python attribute and numpy call after the graph costs ~10x its warm time (the model
-        has just flushed the caches: BENCHMARKS.md), so this reads locals and one bool per
-        row, and makes no numpy reduction."""
-        spec = self.info.input
-        ndarray, zeros, dtype, ndim, sample = np.ndarray, np.zeros, np.dtype(spec.dtype), len(spec.shape), spec.sample_shape
+    def _fast_runner(self) -> Callable[[np.ndarray, bool | None], ScoreResult]:
+        """The end of ``run`` for the common call, its constants resolved once (as
+        ``batch_checker``): a checked batch ``arr`` of one call's worth of rows, the calibrated
+        threshold, no activations. When the check left the values to the graph and every row
+        is ``input_ok``, the result needs nothing more; else ``_result`` finishes it exactly.
+        At batch 1 each Python attribute and numpy call after the graph costs ~10x its warm
+        time (the model has just flushed the caches: BENCHMARKS.md), so this reads locals and
+        one bool per row, and makes no numpy reduction."""
+        zeros = np.zeros
         names, in_name, run, result = list(self._out_names), self._in_name, self._run, self._result
         thr, classes, layer_names, provider = self.threshold, self.classes, self.layer_names, self.provider
 
-        def fast(x: Any, batch_size: Any) -> ScoreResult | None:
-            if not (type(x) is ndarray and x.dtype == dtype and x.ndim == ndim and x.shape[1:] == sample
-                    and x.flags.c_contiguous and batch_size.__class__ is int and 0 < len(x) <= batch_size):
-                return None
-            cols = run(names, {in_name: x})
+        def fast(arr: np.ndarray, all_finite: bool | None) -> ScoreResult:
+            cols = run(names, {in_name: arr})
             logits, pred, score, flagged, layer_scores, ok = cols
-            if b"\x00" in ok.tobytes():   # numpy bools are bytes 0 / 1; no reduction needed
-                return result(x, cols, None, thr, False)   # NaN/Inf or out of range: checked exactly
-            nonfinite, oor = zeros((2, len(x)), bool)
+            if all_finite is not None or b"\x00" in ok.tobytes():   # numpy bools are bytes 0 / 1: no reduction
+                return result(arr, cols, all_finite, thr, False)   # checked on conversion, or a row needing care
+            nonfinite, oor = zeros((2, len(arr)), bool)
             return ScoreResult(logits=logits, pred=pred, score=score, is_anomaly=flagged, layer_scores=layer_scores,
                                threshold=thr, classes=classes, layer_names=layer_names, provider=provider,
                                nonfinite=nonfinite, out_of_range=oor)
