@@ -20,7 +20,7 @@ Output kinds and their reductions to ``[B, D]`` (per channel, never per position
 | kind | shape | reductions (default first) |
 |---|---|---|
 | ``vector`` | ``[B, D]`` | ``none``, ``l2`` (divided by its L2 norm: Mahalanobis++) |
-| ``map`` | ``[B, C, H, W]``, ``[B, C, T]`` (conv / pool / 1-D conv outputs); ``[B, H, W, C]`` (Swin: ``Tap.channel_last``) | ``max`` (per-channel max over space or time; the detector's ``reduction``), ``mean``, ``flatten`` |
+| ``map`` | ``[B, C, H, W]``, ``[B, C, T]`` (conv / pool / 1-D conv outputs); ``[B, H, W, C]`` (Swin: ``Tap.channel_last``) | ``max`` (per-channel max over space or time; the detector's ``reduction``), ``mean``, ``flatten``, ``grid<k>`` (per-channel means over k x k cells, or k cells of time: ``C k^2`` dims) |
 | ``tokens`` | ``[B, N, D]`` (transformer blocks, norms, embeddings) | ``tokens_mean``, ``tokens_max``, ``cls`` (token 0); the first two without the pad positions when the input ids go through an embedding with a ``padding_idx`` |
 | ``sequence`` | RNN / GRU / LSTM output (batch-first or not) | ``last`` (last step; of a bidirectional RNN, each direction's last step: the forward half at step T-1, the backward half at step 0), ``tokens_max`` (max over time) |
 
@@ -39,6 +39,7 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ufad.runtime.errors import ExportError, opt
 
@@ -53,6 +54,9 @@ PROBABILITY_FLOOR = 1e-30
 #: output taps: computed from the logits, not hooked on a module
 OUTPUT_TAPS = (SOFTMAX, SOFTMAX_TOP, ENERGY)
 MAP_REDUCTIONS = ("max", "mean", "flatten")
+#: ``grid<k>``: a map's per-channel means over a k x k grid of cells (k cells over time for a
+#: 1-D map), channel-major: where the evidence is, not only how strong
+GRID = re.compile(r"grid([1-9][0-9]?)")
 TOKEN_REDUCTIONS = ("tokens_mean", "tokens_max", "cls")
 SEQUENCE_REDUCTIONS = ("last", "tokens_max")
 REDUCTIONS = ("none", "l2", *MAP_REDUCTIONS, *TOKEN_REDUCTIONS, "last")
@@ -125,6 +129,10 @@ class Tap:
             t = t.movedim(-1, 1)
         if how == "flatten":
             return t.flatten(1).float()
+        k = grid_cells(how)
+        if k is not None:
+            pool = F.adaptive_avg_pool2d if t.dim() == 4 else F.adaptive_avg_pool1d
+            return pool(t, k).flatten(1).float()
         if how in ("max", "mean"):
             dims = tuple(range(2, t.dim()))
             return (t.amax(dim=dims) if how == "max" else t.mean(dim=dims)).float()
@@ -153,6 +161,12 @@ class Tap:
         return torch.where(keep.any(dim=1), t.masked_fill(~keep, float("-inf")).amax(dim=1), t.amax(dim=1)).float()
 
 
+def grid_cells(reduction: str | None) -> int | None:
+    """k of a ``grid<k>`` reduction (None for any other)."""
+    m = GRID.fullmatch(reduction or "")
+    return int(m.group(1)) if m else None
+
+
 def parse_spec(spec: str) -> Tap:
     """``"name[#in][:reduction]"`` -> Tap (reduction None: chosen by the output's kind)."""
     if spec in OUTPUT_TAPS:
@@ -161,8 +175,9 @@ def parse_spec(spec: str) -> Tap:
     point = "output"
     if name.endswith("#in"):
         name, point = name[:-3], "input"
-    if red and red not in REDUCTIONS:
-        raise ExportError(f"tap {spec!r}: unknown reduction {red!r}; choose one of {list(REDUCTIONS)}")
+    if red and red not in REDUCTIONS and grid_cells(red) is None:
+        raise ExportError(f"tap {spec!r}: unknown reduction {red!r}; choose one of {list(REDUCTIONS)} "
+                          "or grid<k> (a map's per-channel means over k x k cells, e.g. grid4)")
     return Tap(spec, name, point, red or None)
 
 
@@ -417,11 +432,20 @@ def resolve_taps(model: nn.Module, layers: Sequence[str], example: torch.Tensor,
             raise ExportError(f"layer {spec!r} gives a tensor of shape {shape}; expected [B, D] or "
                               "a feature map / token sequence [B, ...].")
         red = tap.reduction or (map_reduction if kind == "map" else DEFAULTS[kind])
-        if red not in ALLOWED[kind] and red != "flatten":
+        if red not in ALLOWED[kind] and red != "flatten" and not (kind == "map" and grid_cells(red)):
             raise ExportError(f"tap {spec!r}: reduction {red!r} does not fit a {kind} output of shape "
                               f"{shape}; choose one of {list(ALLOWED[kind])}.")
-        time_major = kind in ("sequence", "tokens") and is_time_major(rec.module, shape, n)
         channel_last = kind == "map" and tap.point == "output" and rec.channel_last
+        k = grid_cells(red)
+        if k is not None:
+            space = tuple(shape[1:-1] if channel_last else shape[2:])
+            if kind != "map" or len(shape) not in (3, 4) or min(space) < k:
+                raise ExportError(
+                    f"tap {spec!r}: {red} averages a feature map over {k} cells per spatial axis, and "
+                    f"{tap.module!r} gives " + (f"a {kind} output of shape {shape}; choose one of {list(ALLOWED[kind])}."
+                                                if kind != "map" or len(shape) not in (3, 4) else
+                                                f"{shape} ({'x'.join(map(str, space))} positions): choose grid{min(space)} or less."))
+        time_major = kind in ("sequence", "tokens") and is_time_major(rec.module, shape, n)
         bidirectional = (kind == "sequence" and tap.point == "output"
                          and bool(getattr(rec.module, "bidirectional", False)))
         pad_id = pad if red in ("tokens_mean", "tokens_max") else None

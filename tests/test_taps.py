@@ -75,6 +75,24 @@ def test_1d_maps_and_time_major_sequences():
     assert tap.reduction == "tokens_mean" and tap.time_major
 
 
+def test_grid_reduction_keeps_cells_of_time_and_of_a_channel_last_map():
+    """``grid<k>``: per-channel means over k cells per spatial axis, channel-major, cut as
+    adaptive average pooling cuts them (unequal cells when k does not divide the size)."""
+    conv = nn.Sequential(nn.Conv1d(2, 8, 3), nn.ReLU(), nn.Conv1d(8, 16, 3), nn.AdaptiveAvgPool1d(1),
+                         nn.Flatten(), nn.Linear(16, 4)).eval()
+    (tap,) = resolve_taps(conv, ["2:grid5"], torch.rand(5, 2, 40))
+    out = torch.rand(5, 16, 36)        # 36 steps in 5 cells: 0-8, 7-15, 14-22, 21-29, 28-36
+    want = np.stack([out[:, :, a:b].mean(-1).numpy() for a, b in ((0, 8), (7, 15), (14, 22), (21, 29), (28, 36))], -1)
+    np.testing.assert_allclose(tap.features(out).numpy(), want.reshape(5, -1), rtol=1e-6)
+    with pytest.raises(ExportError, match=r"grid40 averages a feature map over 40 cells .*\(36 positions\): choose grid36 or less"):
+        resolve_taps(conv, ["2:grid40"], torch.rand(5, 2, 40))
+    # a [B, H, W, C] map (Swin's layout) is cut on H and W, channels first in the result
+    t = Tap("s", "s", reduction="grid2", channel_last=True)
+    m = torch.rand(3, 4, 6, 5)
+    got = t.features(m).reshape(3, 5, 2, 2)
+    np.testing.assert_allclose(got[:, :, 1, 0].numpy(), m[:, 2:, :3].mean((1, 2)).numpy(), rtol=1e-6)
+
+
 class TextCNN(nn.Module):
     """Kim's text CNN: parallel convolutions of the embedding, max over time, one linear head."""
 
