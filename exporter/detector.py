@@ -231,7 +231,13 @@ class Detector:
             self.layers = []
         with torch.no_grad():
             kind = output_kind(pick_logits(run_model(self.model, first[:PROBE_SAMPLES]), self.logits))
-        self.taps = resolve_taps(self.model, self.layers, first, self.reduction, kind == "probabilities")
+        self.taps = resolve_taps(self.model, [*self.layers, *self.source_taps()], first, self.reduction,
+                                 kind == "probabilities")
+
+    def source_taps(self) -> list[str]:
+        """Taps read by the head but given no column of their own (after ``layers`` in the
+        graph's activation outputs); none by default."""
+        return []
 
     def automatic_layers(self, example: torch.Tensor) -> list[str]:
         """The taps used when none are given (``taps.default_layers``; detectors that read
@@ -410,7 +416,7 @@ class Detector:
 
     def output_names(self) -> list[str]:
         return [fmt.OUT_LOGITS, fmt.OUT_PRED, fmt.OUT_SCORE, fmt.OUT_IS_ANOMALY,
-                fmt.OUT_LAYER_SCORES] + [fmt.activation_output_name(l) for l in self.layers] + [fmt.OUT_INPUT_OK]
+                fmt.OUT_LAYER_SCORES] + [fmt.activation_output_name(t.spec) for t in self.taps] + [fmt.OUT_INPUT_OK]
 
     # --------------------------------------------------------------- calibrate
     @property

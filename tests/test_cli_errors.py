@@ -145,6 +145,12 @@ def _export(*args: str):
     (["--limit", "0"], r"--limit must be >= 1"),
     (["--layers", "penultimate", "--consistency", "penultimate"],
      r"--consistency penultimate predicts the last monitored module layer .* or set --consistency none"),
+    (["--consistency", "block9:grid2"],
+     r"--consistency block9:grid2 is neither one of \['none', 'penultimate'\] nor a tap of this model: "
+     r"unknown layer name\(s\) \['block9:grid2'\]. Valid module names: block1, "),
+    (["--consistency", "block1:grid", "--consistency-alpha", "4"], r"--consistency block1:grid .*unknown reduction 'grid'"),
+    (["--consistency", "block1:grid7", "--consistency-alpha", "zero"],
+     r"--consistency-alpha must be 'auto' or a number > 0, got 'zero'"),
 ])
 def test_export_option_errors_come_before_any_work(user_models, extra, match):
     args = ["ufad.models.mnist_cnn:pretrained", "--data", "mnist", *extra]

@@ -11,7 +11,6 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from ufad.exporter import UniformDetector  # noqa: E402
-from ufad.exporter.detectors.uniform import CONSISTENCY_ALPHA  # noqa: E402
 from ufad.runtime import AnomalySession  # noqa: E402
 from ufad.runtime import format as fmt  # noqa: E402
 from ufad.runtime.errors import ExportError  # noqa: E402
@@ -71,7 +70,8 @@ def test_the_file_scores_the_residual_of_each_class_regression(small, exported):
     a_all = np.concatenate([pts[c][ia] for c in range(10)]).astype(np.float64)
     b_all = np.concatenate([pts[c][ib] for c in range(10)]).astype(np.float64)
     ma, sa, mb, sb = a_all.mean(0), a_all.std(0) + 1e-6, b_all.mean(0), b_all.std(0) + 1e-6
-    coef = {c: _ridge((pts[c][ia] - ma) / sa, (pts[c][ib] - mb) / sb, CONSISTENCY_ALPHA) for c in range(10)}
+    assert small.consistency_alpha_ == 128 / 16   # 'auto': D_a / 16 (block3: 128 channels)
+    coef = {c: _ridge((pts[c][ia] - ma) / sa, (pts[c][ib] - mb) / sb, small.consistency_alpha_) for c in range(10)}
     a = (res.activations[fmt.activation_output_name("block3")].astype(np.float64) - ma) / sa
     b = (res.activations[fmt.activation_output_name("penultimate")].astype(np.float64) - mb) / sb
     raw = np.array([np.sum((b[i] - np.r_[a[i], 1.0] @ coef[int(c)]) ** 2) for i, c in enumerate(res.pred)])
@@ -112,7 +112,7 @@ def test_without_held_out_points_the_column_is_matched_on_out_of_fold_residuals(
     with torch.no_grad():
         inside = np.concatenate([region.raw_for(torch.tensor(a), torch.tensor(b), torch.full((len(a),), c))
                                  .numpy() for c, (a, b) in enumerate(zip(src, dst))])
-    out_of_fold = np.concatenate(boundaries.consistency_cross_raw(src, dst, CONSISTENCY_ALPHA))
+    out_of_fold = np.concatenate(boundaries.consistency_cross_raw(src, dst, small.consistency_alpha_))
     assert np.median(out_of_fold) > 1.4 * np.median(inside), (np.median(out_of_fold), np.median(inside))
     q_c, q_o = _quantiles(small, mnist)
     assert np.all(q_c <= q_o + 0.25 * (q_o[1] - q_o[0])), (q_c, q_o)
@@ -122,7 +122,8 @@ def test_consistency_needs_two_module_layers(reference_model):
     with pytest.raises(ExportError, match=r"consistency='penultimate' predicts the last monitored module layer "
                                           r".*hold 1 module layer\(s\).*set consistency='none'"):
         UniformDetector(reference_model, ["penultimate", "@sqrt_softmax"], consistency="penultimate")
-    with pytest.raises(ExportError, match=r"consistency must be one of \['none', 'penultimate'\], got 'last'"):
+    with pytest.raises(ExportError, match=r"consistency='last' is neither one of \['none', 'penultimate'\] nor a tap "
+                                          r"of this model: unknown layer name\(s\) \['last'\]"):
         UniformDetector(reference_model, consistency="last")
     det = UniformDetector(reference_model, ["block3", "penultimate"], consistency="penultimate")
     assert det.layer_score_names() == ["block3", "penultimate"]   # the column exists once fitted

@@ -49,7 +49,7 @@ from torch import nn
 from ufad.runtime.errors import ExportError, capped, opt
 
 from .. import boundaries
-from ..taps import ENERGY, OUTPUT_TAPS, SOFTMAX, SOFTMAX_TOP, run_model
+from ..taps import ENERGY, OUTPUT_TAPS, SOFTMAX, SOFTMAX_TOP, parse_spec, resolve_layers, run_model
 from ..detector import Detector
 from ..outputs import output_kind, pick_logits
 from ..registry import Option
@@ -75,8 +75,12 @@ CODEBOOK_PER_CLASS = 32
 HOLDOUT = 2000
 #: the ID quantiles of a score layer that are matched to those of the other layers' max
 ALIGN_QUANTILES = (0.5, 0.95)
-#: ridge penalty of the consistency regression, on standardized features
-CONSISTENCY_ALPHA = 1.0
+#: ridge penalty of the consistency regression, on standardized features, per source dimension
+#: (``consistency_alpha="auto"``: D_src / 16, at least 1). A wide source (a map on a grid of cells,
+#: 1568 dims on the Fashion-MNIST ResNet) fitted on ~1000 points per class needs a strong penalty:
+#: a weak one fits the fine detail that faint noise moves (docs/design.md, session 21).
+CONSISTENCY_ALPHA_PER_DIM = 1 / 16
+#: ``consistency`` values that are not a tap spec
 CONSISTENCY = ("none", "penultimate")
 
 
@@ -111,7 +115,12 @@ class UniformDetector(Detector):
         consistency: ``"penultimate"`` adds one more score column, ``"<a>><b>"``: how far the
             last monitored module's features (b) lie from what the predicted class's own
             fitting points predict from the module before it (a), by a per-class linear
-            regression (``C x D_a x D_b`` weights). ``"none"`` (default): no such column.
+            regression (``C x D_a x D_b`` weights). A tap spec instead of ``"penultimate"``
+            (e.g. ``"layer1:grid7"``: an early block's map averaged on a 7 x 7 grid) makes that
+            tap the source a: it is tapped too (an activation output) but gets no region of
+            its own. ``"none"`` (default): no such column.
+        consistency_alpha: the regression's ridge penalty on standardized features;
+            ``"auto"``: D_a / 16, at least 1.
 
     Fitted attributes (after ``fit``): ``feature_maps_`` (one ``FeatureMap`` per layer),
     ``gammas_`` (RBF gamma per layer; empty for the ball), ``fit_points_`` (class ->
@@ -132,15 +141,18 @@ class UniformDetector(Detector):
         Option("regions", click.Choice(["auto", "exact", "codebook"]), "auto",
                "RBF regions: each class's own support vectors, or prototypes shared by all classes"),
         Option("codebook_size", int, 512, "prototypes per layer of the shared codebook"),
-        Option("consistency", click.Choice(list(CONSISTENCY)), "none",
-               "also score the last module layer against what the one before it predicts, per class"),
+        Option("consistency", str, "none",
+               "also score the last module layer against what an earlier tap predicts, per class: "
+               "'penultimate' (the module before it) or a tap spec such as layer1:grid7"),
+        Option("consistency_alpha", str, "auto", "ridge penalty of the consistency regression ('auto': D/16)"),
     )
     WHITEN = ("penultimate", "all", "none")
 
     def __init__(self, model: nn.Module, layers: Sequence[str] | None = None, *, nu: float = 0.1,
                  boundary: str = "rbf", gamma: float | str = "scale", whiten: str = "penultimate",
                  shrinkage: float = 0.01, max_points: int = 1000, min_points: int = 20,
-                 regions: str = "auto", codebook_size: int = 512, consistency: str = "none", **kwargs: Any):
+                 regions: str = "auto", codebook_size: int = 512, consistency: str = "none",
+                 consistency_alpha: float | str = "auto", **kwargs: Any):
         super().__init__(model, layers, **kwargs)
         if not 0.0 < nu < 1.0:
             raise ExportError(f"{opt('nu')} must be in (0, 1), got {nu}")
@@ -150,8 +162,8 @@ class UniformDetector(Detector):
             raise ExportError(f"whiten must be one of {self.WHITEN}, got {whiten!r}")
         if not shrinkage > 0.0:
             raise ExportError(f"shrinkage must be > 0, got {shrinkage}")
-        if consistency not in CONSISTENCY:
-            raise ExportError(f"{opt('consistency')} must be one of {list(CONSISTENCY)}, got {consistency!r}")
+        self._consistency_source = self._check_consistency(consistency)
+        self.consistency_alpha = self._check_alpha(consistency_alpha)
         if regions not in ("auto", "exact", "codebook"):
             raise ExportError(f"{opt('regions')} must be 'auto', 'exact' or 'codebook', got {regions!r}")
         for name, value in (("max_points", max_points), ("min_points", min_points), ("codebook_size", codebook_size)):
@@ -164,11 +176,51 @@ class UniformDetector(Detector):
         self.whiten, self.shrinkage = whiten, float(shrinkage)
         self.max_points, self.min_points = int(max_points), int(min_points)
         self.regions, self.codebook_size = regions, int(codebook_size)
-        self.consistency = consistency
         if consistency != "none" and self.layers is not None:
             self._consistency_layers()   # explicit layers: a wrong setting fails before any work
         self.boundary_threshold: float | None = None
         self._head: UniformHead | None = None
+
+    def _check_consistency(self, consistency: Any) -> str | None:
+        """The source tap spec of a ``consistency`` given as one (None for the named values)."""
+        if not isinstance(consistency, str) or not consistency:
+            raise ExportError(f"{opt('consistency')} must be one of {list(CONSISTENCY)} or a tap spec, got {consistency!r}")
+        self.consistency = consistency
+        if consistency in CONSISTENCY:
+            return None
+        try:
+            if parse_spec(consistency).is_softmax:
+                raise ExportError("the source of the consistency regression must be a module of the model "
+                                  "(e.g. layer1:grid7), not an output tap")
+            resolve_layers(self.model, [consistency])
+        except ExportError as e:
+            raise ExportError(f"{opt('consistency', consistency)} is neither one of {list(CONSISTENCY)} nor a tap "
+                              f"of this model: {e}") from None
+        return consistency
+
+    @staticmethod
+    def _check_alpha(alpha: Any) -> float | None:
+        if alpha in ("auto", None):
+            return None
+        try:
+            value = float(alpha)
+        except (TypeError, ValueError):
+            value = float("nan")
+        if not value > 0.0 or not np.isfinite(value):
+            raise ExportError(f"{opt('consistency_alpha')} must be 'auto' or a number > 0, got {alpha!r}")
+        return value
+
+    def _alpha(self, d_src: int) -> float:
+        """The consistency regression's ridge penalty for a source of ``d_src`` dimensions."""
+        if self.consistency_alpha is not None:
+            return self.consistency_alpha
+        return max(1.0, d_src * CONSISTENCY_ALPHA_PER_DIM)
+
+    def source_taps(self) -> list[str]:
+        """A consistency source given as a tap spec that is not a monitored layer: tapped after
+        the layers, with no region (no column)."""
+        src = self._consistency_source
+        return [src] if src is not None and src not in self.layers else []
 
     def automatic_layers(self, example: torch.Tensor) -> list[str]:
         with torch.no_grad():
@@ -199,7 +251,7 @@ class UniformDetector(Detector):
             "uncalibrated_threshold": "(1 - nu) quantile of the fitting points' scores",
             "support_vectors": [int(r.max_sv) for r in self._head.regions] if self.boundary == "rbf" else None,
             **({"consistency": f"{self.layer_score_names()[-1]}: ||b * s - (a @ W_c + w_c)||^2, a per-class ridge "
-                               f"regression (alpha {CONSISTENCY_ALPHA}) of b on a over the class's fitting points; "
+                               f"regression (alpha {self.consistency_alpha_:g}) of b on a over the class's fitting points; "
                                "matched like the score layer"} if self.consistency != "none" else {}),
             "fit_points_per_class": self.fit_counts_, "seed": self.seed,
             "regions": self.regions_kind_,
@@ -308,9 +360,10 @@ class UniformDetector(Detector):
         regions = [self._layer_regions(fmap, fits) for fmap, fits in zip(self.feature_maps_, regions)]
         if self.consistency != "none":
             src, dst = self._consistency_layers()
+            self.consistency_alpha_ = self._alpha(self.dims[src])
             regions.append(ConsistencyLayerRegions(src, dst, boundaries.fit_consistency(
                 [kept[c][src] for c in range(self.num_classes)], [kept[c][dst] for c in range(self.num_classes)],
-                CONSISTENCY_ALPHA)))
+                self.consistency_alpha_)))
         score_layers = [li for li, r in enumerate(regions)
                         if isinstance(r, (ScoreLayerRegions, ConsistencyLayerRegions))]
         # Centre and scale of each (layer, class): median and spread of raw over that class's
@@ -364,7 +417,7 @@ class UniformDetector(Detector):
         u, raw = [], {li: [] for li in score_layers}
         classes = sorted(points)
         cross = {li: dict(zip(classes, boundaries.consistency_cross_raw(
-            [points[c][r.src] for c in classes], [points[c][r.dst] for c in classes], CONSISTENCY_ALPHA)))
+            [points[c][r.src] for c in classes], [points[c][r.dst] for c in classes], self.consistency_alpha_)))
             for li, r in enumerate(regions) if cross_fit and isinstance(r, ConsistencyLayerRegions)}
         with torch.no_grad():
             for c, fs in points.items():
@@ -386,8 +439,21 @@ class UniformDetector(Detector):
             centres[li, :], scales[li, :] = qr[0] - qu[0] * scale, scale
 
     def _consistency_layers(self) -> tuple[int, int]:
-        """``consistency="penultimate"``: the last monitored module and the one before it."""
+        """The consistency regression's (source, target) tap indices: the last monitored module
+        and the one before it, or the tap named by ``consistency`` (a tap spec), which follows
+        the monitored layers when it is not one of them."""
         modules = [i for i, l in enumerate(self.layers) if l not in OUTPUT_TAPS]
+        src = self._consistency_source
+        if src is not None:
+            if not modules:
+                raise ExportError(
+                    f"{opt('consistency', self.consistency)} predicts the last monitored module layer, but the "
+                    f"layers {self.layers} hold none; monitor one, or set {opt('consistency', 'none')}.")
+            if src == self.layers[modules[-1]]:
+                raise ExportError(
+                    f"{opt('consistency', self.consistency)} names the last monitored module layer itself, "
+                    "the one it predicts; name an earlier tap (e.g. an early block on a grid, layer1:grid7).")
+            return (self.layers.index(src) if src in self.layers else len(self.layers)), modules[-1]
         if len(modules) < 2:
             raise ExportError(
                 f"{opt('consistency', self.consistency)} predicts the last monitored module layer from "
@@ -399,7 +465,7 @@ class UniformDetector(Detector):
         names = super().layer_score_names()
         if self._head is None:
             return names
-        return names + [f"{self.layers[r.src]}>{self.layers[r.dst]}" for r in self._head.regions
+        return names + [f"{self.taps[r.src].spec}>{self.taps[r.dst].spec}" for r in self._head.regions
                         if isinstance(r, ConsistencyLayerRegions)]
 
     def _regions_kind(self, fits: list[list[boundaries.RBFRegion]]) -> str:
@@ -407,7 +473,7 @@ class UniformDetector(Detector):
         if self.regions != "auto":
             return self.regions
         m = max(len(r.alpha) for layer in fits if layer is not None for r in layer)
-        exact = self.num_classes * m * sum(self.dims)
+        exact = self.num_classes * m * sum(self.dims[:len(self.layers)])   # a consistency source has no region
         budget = max(EXACT_BUDGET, sum(p.numel() for p in self.model.parameters()) // 4)
         return "exact" if exact <= budget else "codebook"
 
