@@ -436,15 +436,15 @@ def resolve_taps(model: nn.Module, layers: Sequence[str], example: torch.Tensor,
             raise ExportError(f"tap {spec!r}: reduction {red!r} does not fit a {kind} output of shape "
                               f"{shape}; choose one of {list(ALLOWED[kind])}.")
         channel_last = kind == "map" and tap.point == "output" and rec.channel_last
-        k = grid_cells(red)
+        k = grid_cells(red)   # a map's (the check above); 1-D or 2-D, at least k positions per axis
         if k is not None:
             space = tuple(shape[1:-1] if channel_last else shape[2:])
-            if kind != "map" or len(shape) not in (3, 4) or min(space) < k:
+            if len(space) not in (1, 2) or min(space) < k:
                 raise ExportError(
                     f"tap {spec!r}: {red} averages a feature map over {k} cells per spatial axis, and "
-                    f"{tap.module!r} gives " + (f"a {kind} output of shape {shape}; choose one of {list(ALLOWED[kind])}."
-                                                if kind != "map" or len(shape) not in (3, 4) else
-                                                f"{shape} ({'x'.join(map(str, space))} positions): choose grid{min(space)} or less."))
+                    f"{tap.module!r} gives {shape} ({'x'.join(map(str, space))} positions): "
+                    + (f"choose grid{min(space)} or less." if len(space) in (1, 2) else
+                       f"grid<k> reads 1-D and 2-D maps; choose one of {list(ALLOWED[kind])}."))
         time_major = kind in ("sequence", "tokens") and is_time_major(rec.module, shape, n)
         bidirectional = (kind == "sequence" and tap.point == "output"
                          and bool(getattr(rec.module, "bidirectional", False)))
