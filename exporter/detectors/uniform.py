@@ -162,6 +162,7 @@ class UniformDetector(Detector):
             raise ExportError(f"whiten must be one of {self.WHITEN}, got {whiten!r}")
         if not shrinkage > 0.0:
             raise ExportError(f"shrinkage must be > 0, got {shrinkage}")
+        self.consistency = consistency
         self._consistency_source = self._check_consistency(consistency)
         self.consistency_alpha = self._check_alpha(consistency_alpha)
         if regions not in ("auto", "exact", "codebook"):
@@ -185,7 +186,6 @@ class UniformDetector(Detector):
         """The source tap spec of a ``consistency`` given as one (None for the named values)."""
         if not isinstance(consistency, str) or not consistency:
             raise ExportError(f"{opt('consistency')} must be one of {list(CONSISTENCY)} or a tap spec, got {consistency!r}")
-        self.consistency = consistency
         if consistency in CONSISTENCY:
             return None
         try:
