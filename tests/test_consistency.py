@@ -10,6 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from consistency_reference import consistency_raw  # noqa: E402
 from ufad.exporter import UniformDetector  # noqa: E402
 from ufad.runtime import AnomalySession  # noqa: E402
 from ufad.runtime import format as fmt  # noqa: E402
@@ -47,15 +48,6 @@ def exported(small, mnist, fashion_test, tmp_path_factory):
     return AnomalySession(path, provider="cpu"), x
 
 
-def _ridge(a: np.ndarray, b: np.ndarray, alpha: float) -> np.ndarray:
-    """min ||[a 1] W - b||^2 + alpha ||W||^2 as one least-squares problem (not the normal
-    equations the exporter solves)."""
-    a1 = np.c_[a, np.ones(len(a))]
-    big_a = np.r_[a1, np.sqrt(alpha) * np.eye(a1.shape[1])]
-    big_b = np.r_[b, np.zeros((a1.shape[1], b.shape[1]))]
-    return np.linalg.lstsq(big_a, big_b, rcond=None)[0]
-
-
 def test_the_file_scores_the_residual_of_each_class_regression(small, exported):
     """The column = (||residual||^2 - centre) / scale, one centre and scale for all classes,
     where the residual is the predicted class's standardized penultimate features minus their
@@ -65,16 +57,10 @@ def test_the_file_scores_the_residual_of_each_class_regression(small, exported):
     assert small.layers == ["block1", "block2", "block3", "penultimate", "@sqrt_softmax", "@energy"]
     res = sess.run(x, activations=True)
     assert fmt.activation_output_name(NAME) not in res.activations
-    ia, ib = small.layers.index("block3"), small.layers.index("penultimate")
-    pts = small.fit_points_
-    a_all = np.concatenate([pts[c][ia] for c in range(10)]).astype(np.float64)
-    b_all = np.concatenate([pts[c][ib] for c in range(10)]).astype(np.float64)
-    ma, sa, mb, sb = a_all.mean(0), a_all.std(0) + 1e-6, b_all.mean(0), b_all.std(0) + 1e-6
     assert small.consistency_alpha_ == 128 / 16   # 'auto': D_a / 16 (block3: 128 channels)
-    coef = {c: _ridge((pts[c][ia] - ma) / sa, (pts[c][ib] - mb) / sb, small.consistency_alpha_) for c in range(10)}
-    a = (res.activations[fmt.activation_output_name("block3")].astype(np.float64) - ma) / sa
-    b = (res.activations[fmt.activation_output_name("penultimate")].astype(np.float64) - mb) / sb
-    raw = np.array([np.sum((b[i] - np.r_[a[i], 1.0] @ coef[int(c)]) ** 2) for i, c in enumerate(res.pred)])
+    raw = consistency_raw(small.fit_points_, small.layers.index("block3"), small.layers.index("penultimate"),
+                          small.consistency_alpha_, res.activations[fmt.activation_output_name("block3")],
+                          res.activations[fmt.activation_output_name("penultimate")], res.pred)
     centre, scale = small.centres_[-1], small.scales_[-1]
     assert np.ptp(centre) == 0 and np.ptp(scale) == 0 and scale[0] > 0
     np.testing.assert_allclose(res.layer_scores[:, -1], (raw - centre[0]) / scale[0], rtol=2e-3, atol=2e-3)

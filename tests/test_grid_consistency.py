@@ -12,6 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from consistency_reference import consistency_raw  # noqa: E402
 from ufad.exporter import UniformDetector  # noqa: E402
 from ufad.runtime import AnomalySession  # noqa: E402
 from ufad.runtime import format as fmt  # noqa: E402
@@ -65,26 +66,13 @@ def test_the_source_is_tapped_on_its_grid_but_has_no_region(grid, reference_mode
     np.testing.assert_allclose(got, _cells(seen[0], 4), rtol=1e-4, atol=1e-5)
 
 
-def _ridge(a: np.ndarray, b: np.ndarray, alpha: float) -> np.ndarray:
-    """min ||[a 1] W - b||^2 + alpha ||W||^2 by least squares on the stacked system."""
-    a1 = np.c_[a, np.ones(len(a))]
-    return np.linalg.lstsq(np.r_[a1, np.sqrt(alpha) * np.eye(a1.shape[1])],
-                           np.r_[b, np.zeros((a1.shape[1], b.shape[1]))], rcond=None)[0]
-
-
 def test_the_column_is_the_residual_of_each_class_regression_from_the_grid(grid):
     det, sess, x = grid
     assert det.consistency_alpha_ == 512 / 16   # 'auto': D_source / 16
     res = sess.run(x, activations=True)
-    isrc, idst = len(det.layers), det.layers.index("penultimate")
-    pts = det.fit_points_
-    a_all = np.concatenate([pts[c][isrc] for c in range(10)]).astype(np.float64)
-    b_all = np.concatenate([pts[c][idst] for c in range(10)]).astype(np.float64)
-    ma, sa, mb, sb = a_all.mean(0), a_all.std(0) + 1e-6, b_all.mean(0), b_all.std(0) + 1e-6
-    coef = {c: _ridge((pts[c][isrc] - ma) / sa, (pts[c][idst] - mb) / sb, det.consistency_alpha_) for c in range(10)}
-    a = (res.activations[fmt.activation_output_name(SOURCE)].astype(np.float64) - ma) / sa
-    b = (res.activations[fmt.activation_output_name("penultimate")].astype(np.float64) - mb) / sb
-    raw = np.array([np.sum((b[i] - np.r_[a[i], 1.0] @ coef[int(c)]) ** 2) for i, c in enumerate(res.pred)])
+    raw = consistency_raw(det.fit_points_, len(det.layers), det.layers.index("penultimate"), det.consistency_alpha_,
+                          res.activations[fmt.activation_output_name(SOURCE)],
+                          res.activations[fmt.activation_output_name("penultimate")], res.pred)
     centre, scale = det.centres_[-1], det.scales_[-1]
     np.testing.assert_allclose(res.layer_scores[:, -1], (raw - centre[0]) / scale[0], rtol=2e-3, atol=2e-3)
     np.testing.assert_array_equal(res.score, res.layer_scores.max(1))
