@@ -180,13 +180,19 @@ def _probe(out: dict, taps: list[str], bank: int, c: float) -> dict[str, np.ndar
     return cols
 
 
+def _mapped(col: dict[str, np.ndarray], score: dict[str, np.ndarray], mapping_rows: slice) -> dict[str, np.ndarray]:
+    """``col`` put on ``score``'s scale the way ``@energy`` is: its median and 95% quantile on
+    ``mapping_rows`` of CAL land on those of ``score``."""
+    qs, qc = np.quantile(score["CAL"][mapping_rows], Q), np.quantile(col["CAL"][mapping_rows], Q)
+    scale = (qc[1] - qc[0]) / (qs[1] - qs[0])
+    return {n: (v - qc[0]) / scale + qs[0] for n, v in col.items()}
+
+
 def _report(label: str, out: dict, col: dict[str, np.ndarray], mapping_rows: slice) -> None:
     """The candidate alone and max-ed with the shipped score (mapped on ``mapping_rows`` of CAL)."""
-    cal = out["CAL"]
-    qs, qc = np.quantile(cal["score"][mapping_rows], Q), np.quantile(col["CAL"][mapping_rows], Q)
-    scale = (qc[1] - qc[0]) / (qs[1] - qs[0])
+    mapped = _mapped(col, {n: d["score"] for n, d in out.items()}, mapping_rows)
     for how, f in (("alone", lambda n: col[n]),
-                   ("max", lambda n: np.maximum(out[n]["score"], (col[n] - qc[0]) / scale + qs[0]))):
+                   ("max", lambda n: np.maximum(out[n]["score"], mapped[n]))):
         thr = np.quantile(f("CAL")[mapping_rows], 0.95)
         by_kind: dict[str, list[float]] = {"OOD": [], "AD": [], "NS": []}
         fa = float("nan")

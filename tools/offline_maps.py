@@ -11,9 +11,10 @@ are hooked directly. For each candidate source (a map reduced on a grid of cells
 mean, a whole map), a per-class ridge regression to the penultimate features is fitted on the
 correctly classified training images (standardized features; the penalty scaled to 1000
 points per class), its squared residual mapped like ``@energy`` (held-out ID median and 95%
-quantile on those of the base columns' max) and max-ed with them. Prints mean AUROC per kind
-(higher score = more anomalous; anomaly positive), the benign false alarms at a threshold
-accepting 95% of held-out ID, and the weakest AD sets. Then, for the chosen source: rank-r
+quantile on those of the base columns' max) and max-ed with them, reported as
+``offline_columns.py`` reports its candidates (alone and max-ed: mean AUROC per kind, higher
+score = more anomalous, anomaly positive; the benign false alarms at a threshold accepting 95%
+of held-out ID). Then, for the chosen source: rank-r
 truncations of each class's regression, and the runner-up contrast of the layer3 regression
 (log residual under the predicted class minus under the runner-up) beside it.
 """
@@ -26,12 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
+from offline_columns import _mapped, _report
 from sweep import _sets
-from ufad.exporter.eval import evaluate as ev, metrics
+from ufad.exporter.eval import evaluate as ev
 
 SETUP = "fashion_resnet"
-Q = (0.5, 0.95)
-BANK = 0.7          # share of the ID calibration half kept out of the mapping (as offline_columns.py)
 MAPS = {"stem": (24, 28), "layer1": (32, 14), "layer2": (64, 7), "layer3": (128, 4)}   # channels, side
 
 
@@ -123,33 +123,6 @@ class Regression:
         return r
 
 
-def _report(label: str, base: dict, cols: list[dict[str, np.ndarray]]) -> None:
-    """Base columns' max, with each candidate column mapped onto it and max-ed."""
-    names = list(base)
-    n_cal = len(base["CAL"]["ls"])
-    rows = slice(int(n_cal * BANK), None)
-    score = {n: base[n]["ls"].max(1) for n in names}
-    qs = np.quantile(score["CAL"][rows], Q)
-    for col in cols:
-        qc = np.quantile(col["CAL"][rows], Q)
-        scale = (qc[1] - qc[0]) / (qs[1] - qs[0])
-        score = {n: np.maximum(score[n], (col[n] - qc[0]) / scale + qs[0]) for n in names}
-    thr = np.quantile(score["CAL"][rows], 0.95)
-    kinds: dict[str, list[float]] = {"OOD": [], "AD": [], "NS": []}
-    ad, fa = {}, float("nan")
-    for n, d in base.items():
-        if d["kind"] == "benign":
-            fa = float(np.mean(score[n] > thr))
-        elif d["kind"] in kinds:
-            a = metrics.auroc(score["ID"], score[n])
-            kinds[d["kind"]].append(a)
-            if d["kind"] == "AD":
-                ad[n] = a
-    m = {k: float(np.mean(v)) for k, v in kinds.items()}
-    worst = ", ".join(f"{k} {v:.3f}" for k, v in sorted(ad.items(), key=lambda kv: kv[1])[:3])
-    print(f"{label:46s} OOD {m['OOD']:.4f} AD {m['AD']:.4f} NS {m['NS']:.4f} benign FA {fa:.3f} | {worst}", flush=True)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", type=Path, required=True, help="folder for the built sets and the base detector's outputs")
@@ -169,7 +142,9 @@ def main() -> None:
     y = data["y_fit"][ok]
     maps = {"CAL": _maps(model, data["x_cal"]), "ID": _maps(model, data["x_id"])}
     maps.update({s.name: _maps(model, s.x) for s in sets})
-    _report("no consistency column", base, [])
+    out = {n: {"kind": d["kind"], "score": d["ls"].max(1)} for n, d in base.items()}
+    rows = slice(len(out["CAL"]["score"]) * 7 // 10, None)   # the CAL rows the columns are mapped on
+    _report("no consistency column", out, {n: d["score"] for n, d in out.items()}, rows)
 
     def column(spec: str, alpha: float, rank: int = 0) -> dict[str, np.ndarray]:
         reg = Regression(_source(fit, spec)[ok], fit["penultimate"][ok], y, alpha, rank)
@@ -179,9 +154,9 @@ def main() -> None:
                         ("layer2:grid2", 10), ("layer2:grid4", 10), ("layer2", 10),
                         ("layer1:grid4", 30), ("layer1:grid7", 30), ("layer1:grid7", 100), ("layer1:grid7", 300),
                         ("layer1", 100), ("layer1", 1000)]:
-        _report(f"+ {spec} -> penultimate, penalty {alpha}", base, [column(spec, alpha)])
+        _report(f"{spec} -> penultimate, penalty {alpha}", out, column(spec, alpha), rows)
     for rank in (64, 32, 16):
-        _report(f"+ layer1:grid7, penalty 98, rank {rank}", base, [column("layer1:grid7", 98, rank)])
+        _report(f"layer1:grid7, penalty 98, rank {rank}", out, column("layer1:grid7", 98, rank), rows)
     grid = column("layer1:grid7", 98)
     reg = Regression(_source(fit, "layer3:max")[ok], fit["penultimate"][ok], y, 8.0)
 
@@ -191,8 +166,12 @@ def main() -> None:
         return (np.log(reg.residual(src, m["penultimate"], order[:, 0]) + 1e-9)
                 - np.log(reg.residual(src, m["penultimate"], order[:, 1]) + 1e-9))
 
-    _report("+ layer1:grid7, penalty 98", base, [grid])
-    _report("+ layer1:grid7 + runner-up contrast (layer3)", base, [grid, {n: contrast(m) for n, m in maps.items()}])
+    _report("layer1:grid7, penalty 98", out, grid, rows)
+    # both columns mapped onto the base columns' max, then all max-ed
+    score = {n: d["score"] for n, d in out.items()}
+    g, c = _mapped(grid, score, rows), _mapped({n: contrast(m) for n, m in maps.items()}, score, rows)
+    both = {n: {**d, "score": np.maximum(np.maximum(d["score"], g[n]), c[n])} for n, d in out.items()}
+    _report("layer1:grid7 + runner-up contrast (layer3)", both, {n: d["score"] for n, d in both.items()}, rows)
 
 
 if __name__ == "__main__":
