@@ -54,8 +54,8 @@ from ..detector import Detector
 from ..outputs import output_kind, pick_logits
 from ..registry import Option
 from ..feature_maps import MAX_WHITEN_DIM, LayerMoments
-from .uniform_head import (BallLayerRegions, CodebookLayerRegions, ConsistencyLayerRegions, RBFLayerRegions,
-                           ScoreLayerRegions, UniformHead, region_taps)
+from .uniform_head import (BallLayerRegions, CodebookLayerRegions, ConsistencyLayerRegions, ContrastLayerRegions,
+                           CONTRAST_EPS, RBFLayerRegions, ScoreLayerRegions, UniformHead, region_taps)
 
 # Floor of a (layer, class) spread of raw. raw is a log kernel-density ratio; a class whose
 # fitting points all sit in one spot of a layer (a very confident class at @sqrt_softmax)
@@ -80,8 +80,12 @@ ALIGN_QUANTILES = (0.5, 0.95)
 #: 1568 dims on the Fashion-MNIST ResNet) fitted on ~1000 points per class needs a strong penalty:
 #: a weak one fits the fine detail that faint noise moves (docs/design.md, session 21).
 CONSISTENCY_ALPHA_PER_DIM = 1 / 16
-#: ``consistency`` values that are not a tap spec
+#: ``consistency`` / ``contrast`` values that are not a tap spec
 CONSISTENCY = ("none", "penultimate")
+#: the two columns that read a per-class regression to the last module layer, by option name
+REGRESSIONS = {"consistency": ConsistencyLayerRegions, "contrast": ContrastLayerRegions}
+#: a contrast column's name: its regression's ``a>b`` and this
+CONTRAST_SUFFIX = " vs other classes"
 
 
 def _inputs(region: nn.Module, li: int, fs: Sequence[np.ndarray]) -> list[torch.Tensor]:
@@ -119,8 +123,14 @@ class UniformDetector(Detector):
             (e.g. ``"layer1:grid7"``: an early block's map averaged on a 7 x 7 grid) makes that
             tap the source a: it is tapped too (an activation output) but gets no region of
             its own. ``"none"`` (default): no such column.
-        consistency_alpha: the regression's ridge penalty on standardized features;
-            ``"auto"``: D_a / 16, at least 1.
+        contrast: one more column from the same kind of regression (its own fit), read for every
+            class: how much better the best other class's regression from tap a (a value like
+            ``consistency``'s, e.g. ``"layer3"``) explains the last module layer than the predicted
+            class's does (log residual of the predicted class minus the smallest other one).
+            Minimal attacks (CW, DeepFool) leave their source class explaining better. ``"none"``
+            (default): no such column.
+        consistency_alpha: the regressions' ridge penalty on standardized features;
+            ``"auto"``: D_a / 16, at least 1 (each regression its own).
 
     Fitted attributes (after ``fit``): ``feature_maps_`` (one ``FeatureMap`` per layer),
     ``gammas_`` (RBF gamma per layer; empty for the ball), ``fit_points_`` (class ->
@@ -144,7 +154,10 @@ class UniformDetector(Detector):
         Option("consistency", str, "none",
                "also score the last module layer against what an earlier tap predicts, per class: "
                "'penultimate' (the module before it) or a tap spec such as layer1:grid7"),
-        Option("consistency_alpha", str, "auto", "ridge penalty of the consistency regression ('auto': D/16)"),
+        Option("contrast", str, "none",
+               "also score whether another class's regression from this tap (like --consistency's) to the last "
+               "module layer explains the input better than the predicted class's, e.g. layer3"),
+        Option("consistency_alpha", str, "auto", "ridge penalty of the regressions ('auto': D/16 of each source)"),
     )
     WHITEN = ("penultimate", "all", "none")
 
@@ -152,7 +165,7 @@ class UniformDetector(Detector):
                  boundary: str = "rbf", gamma: float | str = "scale", whiten: str = "penultimate",
                  shrinkage: float = 0.01, max_points: int = 1000, min_points: int = 20,
                  regions: str = "auto", codebook_size: int = 512, consistency: str = "none",
-                 consistency_alpha: float | str = "auto", **kwargs: Any):
+                 consistency_alpha: float | str = "auto", contrast: str = "none", **kwargs: Any):
         super().__init__(model, layers, **kwargs)
         if not 0.0 < nu < 1.0:
             raise ExportError(f"{opt('nu')} must be in (0, 1), got {nu}")
@@ -162,8 +175,9 @@ class UniformDetector(Detector):
             raise ExportError(f"whiten must be one of {self.WHITEN}, got {whiten!r}")
         if not shrinkage > 0.0:
             raise ExportError(f"shrinkage must be > 0, got {shrinkage}")
-        self.consistency = consistency
-        self._consistency_source = self._check_consistency(consistency)
+        self.consistency, self.contrast = consistency, contrast
+        self._sources = {name: self._check_source(name, value)
+                         for name, value in (("consistency", consistency), ("contrast", contrast))}
         self.consistency_alpha = self._check_alpha(consistency_alpha)
         if regions not in ("auto", "exact", "codebook"):
             raise ExportError(f"{opt('regions')} must be 'auto', 'exact' or 'codebook', got {regions!r}")
@@ -177,26 +191,26 @@ class UniformDetector(Detector):
         self.whiten, self.shrinkage = whiten, float(shrinkage)
         self.max_points, self.min_points = int(max_points), int(min_points)
         self.regions, self.codebook_size = regions, int(codebook_size)
-        if consistency != "none" and self.layers is not None:
-            self._consistency_layers()   # explicit layers: a wrong setting fails before any work
+        if self.layers is not None:
+            self._regression_layers()   # explicit layers: a wrong setting fails before any work
         self.boundary_threshold: float | None = None
         self._head: UniformHead | None = None
 
-    def _check_consistency(self, consistency: Any) -> str | None:
-        """The source tap spec of a ``consistency`` given as one (None for the named values)."""
-        if not isinstance(consistency, str) or not consistency:
-            raise ExportError(f"{opt('consistency')} must be one of {list(CONSISTENCY)} or a tap spec, got {consistency!r}")
-        if consistency in CONSISTENCY:
+    def _check_source(self, name: str, value: Any) -> str | None:
+        """The source tap spec of a ``consistency`` / ``contrast`` given as one (None for the named values)."""
+        if not isinstance(value, str) or not value:
+            raise ExportError(f"{opt(name)} must be one of {list(CONSISTENCY)} or a tap spec, got {value!r}")
+        if value in CONSISTENCY:
             return None
         try:
-            if parse_spec(consistency).is_softmax:
-                raise ExportError("the source of the consistency regression must be a module of the model "
+            if parse_spec(value).is_softmax:
+                raise ExportError(f"the source of the {name} regression must be a module of the model "
                                   "(e.g. layer1:grid7), not an output tap")
-            resolve_layers(self.model, [consistency])
+            resolve_layers(self.model, [value])
         except ExportError as e:
-            raise ExportError(f"{opt('consistency', consistency)} is neither one of {list(CONSISTENCY)} nor a tap "
+            raise ExportError(f"{opt(name, value)} is neither one of {list(CONSISTENCY)} nor a tap "
                               f"of this model: {e}") from None
-        return consistency
+        return value
 
     @staticmethod
     def _check_alpha(alpha: Any) -> float | None:
@@ -217,10 +231,10 @@ class UniformDetector(Detector):
         return max(1.0, d_src * CONSISTENCY_ALPHA_PER_DIM)
 
     def source_taps(self) -> list[str]:
-        """A consistency source given as a tap spec that is not a monitored layer: tapped after
+        """The regression sources given as tap specs that are not monitored layers: tapped after
         the layers, with no region (no column)."""
-        src = self._consistency_source
-        return [src] if src is not None and src not in self.layers else []
+        srcs = [s for s in self._sources.values() if s is not None and s not in self.layers]
+        return list(dict.fromkeys(srcs))
 
     def automatic_layers(self, example: torch.Tensor) -> list[str]:
         with torch.no_grad():
@@ -250,14 +264,29 @@ class UniformDetector(Detector):
                                f"{list(ALIGN_QUANTILES)} to the other layers' max"} if ENERGY in self.layers else {}),
             "uncalibrated_threshold": "(1 - nu) quantile of the fitting points' scores",
             "support_vectors": [int(r.max_sv) for r in self._head.regions] if self.boundary == "rbf" else None,
-            **({"consistency": f"{self.layer_score_names()[-1]}: ||b * s - (a @ W_c + w_c)||^2, a per-class ridge "
-                               f"regression (alpha {self.consistency_alpha_:g}) of b on a over the class's fitting points; "
-                               "matched like the score layer"} if self.consistency != "none" else {}),
+            **self._regression_params(),
             "fit_points_per_class": self.fit_counts_, "seed": self.seed,
             "regions": self.regions_kind_,
             "codebook_size": [int(r.codebook_size) for r in self._head.regions]
             if self.regions_kind_ == "codebook" else None,
         }
+
+    def _regression_params(self) -> dict[str, str]:
+        """``params()``'s formula of each consistency / contrast column, under its option's name."""
+        names = dict(zip(self._head.regions, self.layer_score_names()))
+        out = {}
+        for r in self._head.regions:
+            if not isinstance(r, ConsistencyLayerRegions):
+                continue
+            if isinstance(r, ContrastLayerRegions):
+                out["contrast"] = (f"{names[r]}: log(r_c + {CONTRAST_EPS:g}) - min over k != c of log(r_k + {CONTRAST_EPS:g}), "
+                                   f"r_k = ||b * s - (a @ W_k + w_k)||^2 with class k's ridge regression (alpha {r.alpha:g}) "
+                                   "of b on a over its fitting points; matched like the score layer")
+            else:
+                out["consistency"] = (f"{names[r]}: ||b * s - (a @ W_c + w_c)||^2, a per-class ridge regression "
+                                      f"(alpha {r.alpha:g}) of b on a over the class's fitting points; matched like "
+                                      "the score layer")
+        return out
 
     def _check_labels(self, labels: np.ndarray) -> None:
         counts = np.bincount(labels.astype(np.int64).ravel()) if labels.size else np.zeros(0)
@@ -285,8 +314,7 @@ class UniformDetector(Detector):
                         f"{ENERGY!r} is -logsumexp(logits), and this model returns {what}: logsumexp = 0 "
                         "for every input), so it would be a column of "
                         f"rounding noise; drop {ENERGY!r} from {opt('layers')}.")
-                if self.consistency != "none":
-                    self._consistency_layers()   # a wrong setting fails at the first batch, not after the pass
+                self._regression_layers()   # a wrong setting fails at the first batch, not after the pass
                 moments = [LayerMoments(d, self.num_classes, w) for d, w in zip(self.dims, self._whitened(self.dims))]
                 # Each class's reservoir holds its max_points region points (the smallest keys)
                 # and, next in key order, its share of the HOLDOUT points: the region points are
@@ -358,12 +386,12 @@ class UniformDetector(Detector):
         jobs.close()
         self.regions_kind_ = self._regions_kind(regions) if self.boundary == "rbf" else "ball"
         regions = [self._layer_regions(fmap, fits) for fmap, fits in zip(self.feature_maps_, regions)]
-        if self.consistency != "none":
-            src, dst = self._consistency_layers()
-            self.consistency_alpha_ = self._alpha(self.dims[src])
-            regions.append(ConsistencyLayerRegions(src, dst, boundaries.fit_consistency(
+        for name, (src, dst) in self._regression_layers().items():
+            alpha = self._alpha(self.dims[src])
+            setattr(self, f"{name}_alpha_", alpha)
+            regions.append(REGRESSIONS[name](src, dst, boundaries.fit_consistency(
                 [kept[c][src] for c in range(self.num_classes)], [kept[c][dst] for c in range(self.num_classes)],
-                self.consistency_alpha_)))
+                alpha), alpha))
         score_layers = [li for li, r in enumerate(regions)
                         if isinstance(r, (ScoreLayerRegions, ConsistencyLayerRegions))]
         # Centre and scale of each (layer, class): median and spread of raw over that class's
@@ -417,7 +445,7 @@ class UniformDetector(Detector):
         u, raw = [], {li: [] for li in score_layers}
         classes = sorted(points)
         cross = {li: dict(zip(classes, boundaries.consistency_cross_raw(
-            [points[c][r.src] for c in classes], [points[c][r.dst] for c in classes], self.consistency_alpha_)))
+            [points[c][r.src] for c in classes], [points[c][r.dst] for c in classes], r.alpha)))
             for li, r in enumerate(regions) if cross_fit and isinstance(r, ConsistencyLayerRegions)}
         with torch.no_grad():
             for c, fs in points.items():
@@ -427,7 +455,8 @@ class UniformDetector(Detector):
                 u.append(head(None, cls, [torch.tensor(fs[li], dtype=torch.float32) for li in others])[0].numpy())
                 for li in score_layers:
                     if li in cross:
-                        raw[li].append(cross[li][c])
+                        own = torch.tensor(cross[li][c], dtype=torch.float32)
+                        raw[li].append(regions[li].raw_given_own(own, *_inputs(regions[li], li, fs), cls).numpy())
                     else:
                         raw[li].append(regions[li].raw_for(*_inputs(regions[li], li, fs), cls).numpy())
         qu = np.quantile(np.concatenate(u).astype(np.float64), ALIGN_QUANTILES)
@@ -438,35 +467,44 @@ class UniformDetector(Detector):
             scale = (qr[1] - qr[0]) / (qu[1] - qu[0])
             centres[li, :], scales[li, :] = qr[0] - qu[0] * scale, scale
 
-    def _consistency_layers(self) -> tuple[int, int]:
-        """The consistency regression's (source, target) tap indices: the last monitored module
-        and the one before it, or the tap named by ``consistency`` (a tap spec), which follows
-        the monitored layers when it is not one of them."""
+    def _regression_layers(self) -> dict[str, tuple[int, int]]:
+        """Each set ``consistency`` / ``contrast`` column's regression (source, target) tap
+        indices: the last monitored module and the one before it, or the tap named by the option
+        (a tap spec), which follows the monitored layers when it is not one of them."""
         modules = [i for i, l in enumerate(self.layers) if l not in OUTPUT_TAPS]
-        src = self._consistency_source
-        if src is not None:
-            if not modules:
+        extra = self.source_taps()
+        out = {}
+        for name, src in self._sources.items():
+            value = getattr(self, name)
+            if value == "none":
+                continue
+            if src is not None:
+                if not modules:
+                    raise ExportError(
+                        f"{opt(name, value)} predicts the last monitored module layer, but the "
+                        f"layers {self.layers} hold none; monitor one, or set {opt(name, 'none')}.")
+                if src == self.layers[modules[-1]]:
+                    raise ExportError(
+                        f"{opt(name, value)} names the last monitored module layer itself, "
+                        "the one it predicts; name an earlier tap (e.g. an early block on a grid, layer1:grid7).")
+                out[name] = (self.layers.index(src) if src in self.layers else len(self.layers) + extra.index(src),
+                             modules[-1])
+                continue
+            if len(modules) < 2:
                 raise ExportError(
-                    f"{opt('consistency', self.consistency)} predicts the last monitored module layer, but the "
-                    f"layers {self.layers} hold none; monitor one, or set {opt('consistency', 'none')}.")
-            if src == self.layers[modules[-1]]:
-                raise ExportError(
-                    f"{opt('consistency', self.consistency)} names the last monitored module layer itself, "
-                    "the one it predicts; name an earlier tap (e.g. an early block on a grid, layer1:grid7).")
-            return (self.layers.index(src) if src in self.layers else len(self.layers)), modules[-1]
-        if len(modules) < 2:
-            raise ExportError(
-                f"{opt('consistency', self.consistency)} predicts the last monitored module layer from "
-                f"the one before it, but the layers {self.layers} hold {len(modules)} module layer(s); "
-                f"monitor two or more, or set {opt('consistency', 'none')}.")
-        return modules[-2], modules[-1]
+                    f"{opt(name, value)} predicts the last monitored module layer from "
+                    f"the one before it, but the layers {self.layers} hold {len(modules)} module layer(s); "
+                    f"monitor two or more, or set {opt(name, 'none')}.")
+            out[name] = (modules[-2], modules[-1])
+        return out
 
     def layer_score_names(self) -> list[str]:
         names = super().layer_score_names()
         if self._head is None:
             return names
-        return names + [f"{self.taps[r.src].spec}>{self.taps[r.dst].spec}" for r in self._head.regions
-                        if isinstance(r, ConsistencyLayerRegions)]
+        return names + [f"{self.taps[r.src].spec}>{self.taps[r.dst].spec}"
+                        + (CONTRAST_SUFFIX if isinstance(r, ContrastLayerRegions) else "")
+                        for r in self._head.regions if isinstance(r, ConsistencyLayerRegions)]
 
     def _regions_kind(self, fits: list[list[boundaries.RBFRegion]]) -> str:
         """``regions="auto"``: exact while its ``[C, m, D]`` weights stay within budget."""

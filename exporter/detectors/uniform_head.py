@@ -15,6 +15,8 @@ Per layer, the regions of every class (``raw`` = how far outside, > 0 outside):
   the value itself, for every class.
 - ``ConsistencyLayerRegions``: no tap of its own: how far one tap's features lie from what
   the class's own points predict from an earlier tap's (``consistency="penultimate"``).
+- ``ContrastLayerRegions``: the same regressions, read for every class: how much better the
+  best other class explains that tap than the predicted class does (``contrast="layer3"``).
 
 ``UniformHead`` z-scores the predicted class's raw per layer and takes the max.
 """
@@ -33,6 +35,9 @@ from .. import boundaries
 from ..feature_maps import Affine, FeatureMap
 
 PAD_LOGIT = -1e30  # log-weight of padding support vectors: exp() of it is exactly 0
+#: added to a contrast column's residuals before the log: residuals are sums of squares of
+#: standardized features (~D_dst on ID data), so this only keeps log() finite at 0
+CONTRAST_EPS = 1e-6
 
 class RBFLayerRegions(nn.Module):
     """All classes' RBF regions of one layer. ``forward(f [B,D]) -> raw [B, C]``.
@@ -194,9 +199,10 @@ class ConsistencyLayerRegions(nn.Module):
     below it) has a large residual. ``raw_for(f_src, f_dst, cls) -> [B]``; like a score layer,
     one centre and scale for all classes (set by ``UniformDetector``)."""
 
-    def __init__(self, src: int, dst: int, fit: boundaries.ConsistencyFit):
+    def __init__(self, src: int, dst: int, fit: boundaries.ConsistencyFit, alpha: float):
         super().__init__()
         self.src, self.dst = int(src), int(dst)
+        self.alpha = float(alpha)   # the ridge penalty it was fitted with (an out-of-fold refit uses it)
         self.num_classes = len(fit.weight)
         self.max_sv = self.codebook_size = 0   # what params() reports per layer: none stored
         self.register_buffer("weight", torch.tensor(fit.weight, dtype=torch.float32))        # [C, D_src, D_dst]
@@ -214,6 +220,47 @@ class ConsistencyLayerRegions(nn.Module):
         pred = per_class_matmul([(f_src, self.weight)], cls) + torch.index_select(self.bias, 0, cls)
         r = f_dst * self.dst_scale - pred
         return (r * r).sum(dim=1)
+
+    def raw_given_own(self, own: torch.Tensor, f_src: torch.Tensor, f_dst: torch.Tensor,
+                      cls: torch.Tensor) -> torch.Tensor:
+        """raw of class ``cls[i]`` when its own residual is ``own[i]`` (an out-of-fold residual of a
+        fitting point: ``UniformDetector`` matches the column on those when no point was held out)."""
+        return own
+
+
+class ContrastLayerRegions(ConsistencyLayerRegions):
+    """The consistency regression's contrast (``contrast="layer3"``): with r_k the residual of
+    class k's regression (``ConsistencyLayerRegions``' raw), raw = log(r_c + eps) - min over
+    k != c of log(r_k + eps). < 0 where the predicted class c explains the later tap from the
+    earlier one best; > 0 where another class explains it better: a minimal attack (CW,
+    DeepFool) moves the prediction across the nearest boundary while the evidence below still
+    follows the true class's regression. Reads every class's weights (``C x D_src x D_dst`` per
+    input, so it suits a small source such as a block's spatial max)."""
+
+    def _log_residuals(self, f_src: torch.Tensor, f_dst: torch.Tensor) -> torch.Tensor:
+        return torch.log(super().forward(f_src, f_dst) + CONTRAST_EPS)          # [B, C]
+
+    def forward(self, f_src: torch.Tensor, f_dst: torch.Tensor) -> torch.Tensor:
+        """raw of every class, ``[B, C]`` (as if that class were predicted)."""
+        logr = self._log_residuals(f_src, f_dst)
+        low = torch.topk(logr, 2, dim=1, largest=False)
+        best = low.indices[:, :1] == torch.arange(self.num_classes, device=logr.device)
+        return logr - torch.where(best, low.values[:, 1:2], low.values[:, :1])
+
+    def raw_for(self, f_src: torch.Tensor, f_dst: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+        return self._contrast(self._log_residuals(f_src, f_dst), cls)
+
+    def raw_given_own(self, own: torch.Tensor, f_src: torch.Tensor, f_dst: torch.Tensor,
+                      cls: torch.Tensor) -> torch.Tensor:
+        logr = self._log_residuals(f_src, f_dst)
+        own_col = (cls.reshape(-1, 1) == torch.arange(self.num_classes)).to(logr.dtype)
+        return self._contrast(logr * (1 - own_col) + torch.log(own + CONTRAST_EPS).unsqueeze(1) * own_col, cls)
+
+    def _contrast(self, logr: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+        """log r_cls - min over the other classes of log r, ``[B]``."""
+        own = cls.reshape(-1, 1) == torch.arange(self.num_classes, device=logr.device)
+        others = logr.masked_fill(own, float("inf")).amin(dim=1)
+        return logr.gather(1, cls.reshape(-1, 1)).squeeze(1) - others
 
 
 def per_class_matmul(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], cls: torch.Tensor) -> torch.Tensor:
