@@ -151,6 +151,8 @@ def _export(*args: str):
     (["--consistency", "block1:grid", "--consistency-alpha", "4"], r"--consistency block1:grid .*unknown reduction 'grid'"),
     (["--consistency", "block1:grid7", "--consistency-alpha", "zero"],
      r"--consistency-alpha must be 'auto' or a number > 0, got 'zero'"),
+    (["--contrast", "block9"], r"--contrast block9 is neither one of \['none', 'penultimate'\] nor a tap of this model"),
+    (["--layers", "block2,block3", "--contrast", "block3"], r"--contrast block3 names the last monitored module layer itself"),
 ])
 def test_export_option_errors_come_before_any_work(user_models, extra, match):
     args = ["ufad.models.mnist_cnn:pretrained", "--data", "mnist", *extra]
@@ -231,18 +233,19 @@ def test_dict_output_with_a_logits_key_is_picked(user_models, digits):
     assert np.mean(~sess.run(digits).is_anomaly) >= 0.85
 
 
-def test_consistency_column_on_a_user_mlp(user_models, digits):
-    """``--consistency penultimate`` on a model nobody here designed for (a digits MLP behind a
-    dict output): one more column, named after its two taps, and the file still accepts held-out
-    digits and flags uniform noise."""
+def test_consistency_and_contrast_columns_on_a_user_mlp(user_models, digits):
+    """``--consistency penultimate --contrast penultimate`` on a model nobody here designed for (a
+    digits MLP behind a dict output): two more columns, named after their two taps, and the file
+    still accepts held-out digits and flags uniform noise."""
     res, _ = _export("ufad_user_nets:dict_out", "--data", "digits.npz", "--weights", "wrapped.safetensors",
-                     "--consistency", "penultimate", "-o", "dc.onnx")
+                     "--consistency", "penultimate", "--contrast", "penultimate", "-o", "dc.onnx")
     assert res.exit_code == 0, res.output
     sess = AnomalySession(user_models / "dc.onnx", provider="cpu")
-    *taps, column = sess.layer_names
+    *taps, column, contrast = sess.layer_names
     modules = [t for t in taps if not t.startswith("@")]
     assert column == f"{modules[-2]}>{modules[-1]}", sess.layer_names
-    assert f"+ columns ['{column}']" in res.output, res.output
+    assert contrast == f"{column} vs other classes", sess.layer_names
+    assert f"+ columns ['{column}', '{contrast}']" in res.output, res.output
     assert np.mean(~sess.run(digits).is_anomaly) >= 0.85
     noise = np.random.default_rng(0).uniform(0, 1, (200, 64)).astype(np.float32)
     assert sess.run(noise).is_anomaly.mean() >= 0.95

@@ -25,6 +25,10 @@ to sum 1 and rho' = rho / sum(alpha):   raw = log rho' - log sum_i a_i K(x, s_i)
 (the log of the one-class SVM decision ratio; > 0 exactly where the SVM says "outside").
 For the ball: raw = ||x - centre|| - radius.
 
+Opt-in columns from per-class ridge regressions of the last module layer on an earlier tap:
+``consistency`` (the predicted class's residual) and ``contrast`` (its log residual minus the
+best other class's); see ``UniformDetector``.
+
 The scoring math is in ``uniform_head.py`` (``UniformHead``: the torch reference and what
 ``torch.onnx.export`` turns into the graph; see BENCHMARKS.md for why it is shaped so).
 This file fits it.
