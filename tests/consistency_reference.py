@@ -1,6 +1,7 @@
-"""An independent recomputation of the consistency column's raw value from a file's own
-activations: each class's ridge regression solved as one stacked least-squares problem (not the
-normal equations the exporter solves), on the region points the detector kept."""
+"""Shared by the consistency and contrast tests: an independent recomputation of the
+consistency column's raw value from a file's own activations (each class's ridge regression
+solved as one stacked least-squares problem, not the normal equations the exporter solves, on
+the region points the detector kept), and the fitted, exported detector they check."""
 
 from __future__ import annotations
 
@@ -26,3 +27,21 @@ def consistency_raw(points: dict, src: int, dst: int, alpha: float,
     coef = {c: ridge((points[c][src] - ma) / sa, (points[c][dst] - mb) / sb, alpha) for c in classes}
     a, b = (a.astype(np.float64) - ma) / sa, (b.astype(np.float64) - mb) / sb
     return np.array([np.sum((b[i] - np.r_[a[i], 1.0] @ coef[int(c)]) ** 2) for i, c in enumerate(pred)])
+
+
+def fit_export_probe(model, mnist: dict, fashion_test, folder, seed: int, **options):
+    """The uniform detector with ``options`` on 6000 MNIST training images (under ``max_points``
+    per class: the columns are matched out of fold), calibrated, exported to ``folder``; its
+    runtime session; and probe inputs: 300 MNIST test digits, 200 Fashion-MNIST items, 50
+    uniform-noise images."""
+    from ufad.exporter import UniformDetector
+    from ufad.runtime import AnomalySession
+
+    x, y = mnist["train"]
+    det = UniformDetector(model, progress=False, **options)
+    det.fit(x[:6000], y[:6000]).calibrate(mnist["valid"][0][:3000])
+    det.export(folder / "d.onnx")
+    rng = np.random.default_rng(seed)
+    probe = np.concatenate([mnist["test"][0][:300], fashion_test[0][:200],
+                            rng.uniform(0, 1, (50, 1, 28, 28)).astype(np.float32)])
+    return det, AnomalySession(folder / "d.onnx", provider="cpu"), probe

@@ -11,10 +11,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from consistency_reference import consistency_raw  # noqa: E402
+from consistency_reference import consistency_raw, fit_export_probe  # noqa: E402
 from ufad.exporter import UniformDetector  # noqa: E402
 from ufad.exporter.eval import metrics  # noqa: E402
-from ufad.runtime import AnomalySession  # noqa: E402
 from ufad.runtime import format as fmt  # noqa: E402
 from ufad.runtime.errors import ExportError  # noqa: E402
 
@@ -27,15 +26,8 @@ EPS = 1e-6
 def both(reference_model, mnist, fashion_test, tmp_path_factory):
     """6000 fitting images: under ``max_points`` per class, so the columns are matched on
     out-of-fold residuals (the contrast's own class replaced by its out-of-fold residual)."""
-    x, y = mnist["train"]
-    det = UniformDetector(reference_model, consistency=GRID, contrast=SOURCE, progress=False)
-    det.fit(x[:6000], y[:6000]).calibrate(mnist["valid"][0][:3000])
-    path = tmp_path_factory.mktemp("contrast") / "c.onnx"
-    det.export(path)
-    rng = np.random.default_rng(7)
-    probe = np.concatenate([mnist["test"][0][:300], fashion_test[0][:200],
-                            rng.uniform(0, 1, (50, 1, 28, 28)).astype(np.float32)])
-    return det, AnomalySession(path, provider="cpu"), probe
+    return fit_export_probe(reference_model, mnist, fashion_test, tmp_path_factory.mktemp("contrast"), 7,
+                            consistency=GRID, contrast=SOURCE)
 
 
 def test_the_column_is_how_much_better_another_class_explains_the_input(both):

@@ -12,9 +12,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from consistency_reference import consistency_raw  # noqa: E402
+from consistency_reference import consistency_raw, fit_export_probe  # noqa: E402
 from ufad.exporter import UniformDetector  # noqa: E402
-from ufad.runtime import AnomalySession  # noqa: E402
 from ufad.runtime import format as fmt  # noqa: E402
 from ufad.runtime.errors import ExportError  # noqa: E402
 
@@ -24,15 +23,8 @@ NAME = f"{SOURCE}>penultimate"
 
 @pytest.fixture(scope="module")
 def grid(reference_model, mnist, fashion_test, tmp_path_factory):
-    x, y = mnist["train"]
-    det = UniformDetector(reference_model, consistency=SOURCE, progress=False)
-    det.fit(x[:6000], y[:6000]).calibrate(mnist["valid"][0][:3000])
-    path = tmp_path_factory.mktemp("grid") / "g.onnx"
-    det.export(path)
-    rng = np.random.default_rng(5)
-    probe = np.concatenate([mnist["test"][0][:300], fashion_test[0][:200],
-                            rng.uniform(0, 1, (50, 1, 28, 28)).astype(np.float32)])
-    return det, AnomalySession(path, provider="cpu"), probe
+    return fit_export_probe(reference_model, mnist, fashion_test, tmp_path_factory.mktemp("grid"), 5,
+                            consistency=SOURCE)
 
 
 def _cells(fmap: np.ndarray, k: int) -> np.ndarray:
