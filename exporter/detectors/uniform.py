@@ -139,7 +139,8 @@ class UniformDetector(Detector):
     Fitted attributes (after ``fit``): ``feature_maps_`` (one ``FeatureMap`` per layer),
     ``gammas_`` (RBF gamma per layer; empty for the ball), ``fit_points_`` (class ->
     per-layer reduced activations the regions were fitted on), ``fit_counts_``,
-    ``centres_`` / ``scales_`` (``[L, C]`` median and spread of raw per layer and class).
+    ``centres_`` / ``scales_`` (``[L, C]`` median and spread of raw per layer and class),
+    ``consistency_alpha_`` / ``contrast_alpha_`` (the penalty each regression was fitted with).
     """
 
     method = "uniform"
