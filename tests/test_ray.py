@@ -14,10 +14,12 @@ import base64
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -58,13 +60,15 @@ def _ray(args: list[str], env: dict[str, str], timeout: float = 120) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster():
     """A 2-node Ray cluster on 127.0.0.1 (head + worker node, 1 CPU each): its address."""
     # Loopback only, no token: the cluster lives as long as this module and nobody else sees it.
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")}
     os.environ.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
-    temp = tmp_path_factory.mktemp("ray")
+    # A short folder of its own: Ray puts its sockets under it, and an AF_UNIX path may hold 107
+    # bytes (pytest-xdist's per-worker basetemp, /tmp/pytest-of-root/pytest-N/popen-gw0/ray0/..., goes over).
+    temp = Path(tempfile.mkdtemp(prefix="ufad-ray-"))
     port = _free_port()
     address = f"127.0.0.1:{port}"
     common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--object-store-memory", str(200 * 2 ** 20),
@@ -77,6 +81,7 @@ def cluster(tmp_path_factory):
     finally:
         subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], env=env,
                        capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
