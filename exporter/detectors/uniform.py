@@ -79,7 +79,7 @@ CODEBOOK_PER_CLASS = 32
 HOLDOUT = 2000
 #: the ID quantiles of a score layer that are matched to those of the other layers' max
 ALIGN_QUANTILES = (0.5, 0.95)
-#: ridge penalty of the consistency regression, on standardized features, per source dimension
+#: ridge penalty of the consistency / contrast regressions, on standardized features, per source dimension
 #: (``consistency_alpha="auto"``: D_src / 16, at least 1). A wide source (a map on a grid of cells,
 #: 1568 dims on the Fashion-MNIST ResNet) fitted on ~1000 points per class needs a strong penalty:
 #: a weak one fits the fine detail that faint noise moves (docs/design.md, session 21).
@@ -230,7 +230,7 @@ class UniformDetector(Detector):
         return value
 
     def _alpha(self, d_src: int) -> float:
-        """The consistency regression's ridge penalty for a source of ``d_src`` dimensions."""
+        """A consistency / contrast regression's ridge penalty for a source of ``d_src`` dimensions."""
         if self.consistency_alpha is not None:
             return self.consistency_alpha
         return max(1.0, d_src * CONSISTENCY_ALPHA_PER_DIM)
@@ -460,7 +460,7 @@ class UniformDetector(Detector):
                 u.append(head(None, cls, [torch.tensor(fs[li], dtype=torch.float32) for li in others])[0].numpy())
                 for li in score_layers:
                     if li in cross:
-                        own = torch.tensor(cross[li][c], dtype=torch.float32)
+                        own = torch.from_numpy(cross[li][c])
                         raw[li].append(regions[li].raw_given_own(own, *_inputs(regions[li], li, fs), cls).numpy())
                     else:
                         raw[li].append(regions[li].raw_for(*_inputs(regions[li], li, fs), cls).numpy())

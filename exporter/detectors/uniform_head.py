@@ -241,25 +241,28 @@ class ContrastLayerRegions(ConsistencyLayerRegions):
         return torch.log(super().forward(f_src, f_dst) + CONTRAST_EPS)          # [B, C]
 
     def forward(self, f_src: torch.Tensor, f_dst: torch.Tensor) -> torch.Tensor:
-        """raw of every class, ``[B, C]`` (as if that class were predicted)."""
+        """raw of every class, ``[B, C]`` (as if that class were predicted); the reference, not
+        what the graph runs (``raw_for``)."""
         logr = self._log_residuals(f_src, f_dst)
-        low = torch.topk(logr, 2, dim=1, largest=False)
-        best = low.indices[:, :1] == torch.arange(self.num_classes, device=logr.device)
-        return logr - torch.where(best, low.values[:, 1:2], low.values[:, :1])
+        return torch.stack([self._contrast(logr, torch.full((len(logr),), k, dtype=torch.int64))
+                            for k in range(self.num_classes)], dim=1)
 
     def raw_for(self, f_src: torch.Tensor, f_dst: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
         return self._contrast(self._log_residuals(f_src, f_dst), cls)
 
     def raw_given_own(self, own: torch.Tensor, f_src: torch.Tensor, f_dst: torch.Tensor,
                       cls: torch.Tensor) -> torch.Tensor:
-        logr = self._log_residuals(f_src, f_dst)
-        own_col = (cls.reshape(-1, 1) == torch.arange(self.num_classes)).to(logr.dtype)
-        return self._contrast(logr * (1 - own_col) + torch.log(own + CONTRAST_EPS).unsqueeze(1) * own_col, cls)
+        logr = torch.where(self._is_own(cls), torch.log(own + CONTRAST_EPS).unsqueeze(1),
+                           self._log_residuals(f_src, f_dst))
+        return self._contrast(logr, cls)
+
+    def _is_own(self, cls: torch.Tensor) -> torch.Tensor:
+        """``[B, C]``: true at each row's class ``cls[i]``."""
+        return cls.reshape(-1, 1) == torch.arange(self.num_classes, device=cls.device)
 
     def _contrast(self, logr: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
         """log r_cls - min over the other classes of log r, ``[B]``."""
-        own = cls.reshape(-1, 1) == torch.arange(self.num_classes, device=logr.device)
-        others = logr.masked_fill(own, float("inf")).amin(dim=1)
+        others = logr.masked_fill(self._is_own(cls), float("inf")).amin(dim=1)
         return logr.gather(1, cls.reshape(-1, 1)).squeeze(1) - others
 
 
